@@ -1,0 +1,205 @@
+"""The `raymeta` command: run, sweep, validate, results."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from raymeta.errors import ConfigError, RaymetaError
+
+
+def _overrides(pairs: tuple[str, ...]) -> dict:
+    from raymeta.config import set_dotted
+
+    data: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. train.epochs=5), got '{pair}'")
+        key, value = pair.split("=", 1)
+        set_dotted(data, key.strip(), yaml.safe_load(value))
+    return data
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="raymeta")
+def cli() -> None:
+    """Meta-learning for noisy labels, run as experiments with Ray."""
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="override a config value, e.g. --set noise.rate=0.4 (repeatable)")
+@click.option("--store", default="results", show_default=True, help="results store (folder or URI)")
+@click.option("--sweep", "sweep_name", default="runs", show_default=True,
+              help="results partition the run is written to")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="checkpoint folder [default: runs/<trial id>]")
+@click.option("--resume", is_flag=True, help="continue from the checkpoint in --out")
+def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: str | None,
+        resume: bool) -> None:
+    """Train one experiment in this process (no Ray)."""
+    from raymeta.config import parse_experiment, set_dotted
+    from raymeta.orchestrate.grid import absolutize, read_yaml
+    from raymeta.orchestrate.trial import run_trial, trial_id_for
+
+    data = read_yaml(config) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config}: expected a mapping of config sections (dataset, noise, ...)")
+    for key, value in _flatten_sets(_overrides(sets)).items():
+        set_dotted(data, key, value)
+    cfg = parse_experiment(absolutize(data, Path(config).resolve().parent), where=config)
+    trial_id = trial_id_for(cfg)
+    folder = Path(out or Path("runs") / trial_id)
+    resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
+    if resume and resume_from is None:
+        click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
+
+    def progress(metrics: dict, trainer) -> None:
+        click.echo(f"epoch {metrics['epoch'] + 1:3d}/{cfg.train.epochs}  "
+                   f"train_loss {metrics['train_loss']:.4f}  test_acc {metrics['test_acc']:.4f}  "
+                   f"meta_acc {metrics['meta_acc']:.4f}  {metrics['ms_per_step']:.1f} ms/step")
+
+    row = run_trial(cfg, store=store, sweep=sweep_name, trial_id=trial_id, on_epoch_end=progress,
+                    checkpoint_dir=folder, resume_from=resume_from)
+    click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
+               f"{row['best_test_acc']:.4f}; rows written to {store} (sweep '{sweep_name}')")
+
+
+def _flatten_sets(data: dict) -> dict:
+    from raymeta.config import flatten
+
+    return flatten(data)
+
+
+@cli.command()
+@click.argument("sweep_file", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+@click.option("--store", default=None, help="override the sweep file's results store")
+@click.option("--resume", is_flag=True, help="continue an interrupted sweep")
+@click.option("--dry-run", is_flag=True, help="validate and list the trials, run nothing")
+def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
+          dry_run: bool) -> None:
+    """Run every cell of a sweep file as a Ray Tune trial, then print the summary."""
+    from raymeta.orchestrate.grid import expand, load_sweep
+
+    spec = load_sweep(sweep_file)
+    if store:
+        spec = spec.model_copy(update={"store": store})
+    cells = expand(spec, base_dir=Path.cwd())
+    click.echo(f"sweep '{spec.name}': {len(cells)} trials -> {spec.store}")
+    if dry_run:
+        for cell in cells:
+            click.echo(f"  {cell.trial_id}  {cell.overrides}")
+        return
+    from raymeta.orchestrate.sweep import run_sweep
+    from raymeta.results import query
+    from raymeta.results.store import resolve_store
+
+    started = time.monotonic()
+    failed = run_sweep(spec, cells, address=address, resume=resume)
+    click.echo(f"sweep '{spec.name}' finished in {time.monotonic() - started:.0f}s "
+               f"({len(cells) - failed} completed, {failed} failed)")
+    trials = query.load(resolve_store(spec.store), "trials", spec.name)
+    click.echo(query.render(query.summary(trials)))
+    if failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(paths: tuple[str, ...]) -> None:
+    """Check sweep files or experiment configs; report every problem."""
+    from raymeta.config import parse_experiment
+    from raymeta.config import parse_sweep
+    from raymeta.orchestrate.grid import expand, read_yaml
+
+    problems = 0
+    for path in paths:
+        try:
+            data = read_yaml(path)
+            if isinstance(data, dict) and ("grid" in data or "base" in data):
+                cells = expand(parse_sweep(data, where=path), base_dir=Path.cwd())
+                click.echo(f"{path}: ok, sweep with {len(cells)} trials")
+            else:
+                parse_experiment(data or {}, where=path)
+                click.echo(f"{path}: ok, experiment config")
+        except RaymetaError as err:
+            problems += 1
+            click.echo(f"{path}: {err}", err=True)
+    if problems:
+        sys.exit(2)
+
+
+@cli.group()
+def results() -> None:
+    """Query the results store."""
+
+
+_store_option = click.option("--store", default="results", show_default=True,
+                             help="results store (folder or URI)")
+
+
+@results.command()
+@click.option("--sweep", "sweep_name", default=None, help="sweep name (default: all sweeps)")
+@_store_option
+@click.option("--by", default="method.name", show_default=True,
+              help="row keys, comma-separated results columns")
+@click.option("--columns", default="noise.type,noise.rate", show_default=True,
+              help="column keys, comma-separated")
+@click.option("--metric", default="final", show_default=True,
+              help="final | peak | best_meta | any numeric results column")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv"]), default="text",
+              show_default=True)
+def summary(sweep_name: str | None, store: str, by: str, columns: str, metric: str,
+            fmt: str) -> None:
+    """Mean ± std over seeds (n) of a test accuracy, methods x noise settings, in percent."""
+    from raymeta.results import query
+
+    trials = query.load(store, "trials", sweep_name)
+    table = query.summary(trials, by=_keys(by), columns=_keys(columns), metric=metric)
+    click.echo(query.render(table, fmt))
+
+
+@results.command()
+@click.option("--sweep", "sweep_name", default=None, help="sweep name (default: all sweeps)")
+@_store_option
+def failed(sweep_name: str | None, store: str) -> None:
+    """List failed trials with their reasons."""
+    import polars as pl
+
+    from raymeta.results import query
+
+    trials = query.load(store, "trials", sweep_name)
+    bad = trials.filter(pl.col("status") != "completed")
+    if bad.is_empty():
+        click.echo(f"no failed trials among {len(trials)}")
+        return
+    for row in bad.select("sweep", "trial_id", "error").iter_rows():
+        click.echo(f"{row[0]}/{row[1]}: {row[2]}")
+
+
+def _keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except RaymetaError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

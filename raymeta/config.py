@@ -1,0 +1,337 @@
+"""Typed, validated configs shared by every layer.
+
+An experiment is one `ExperimentConfig`; a sweep file is a `SweepSpec` whose grid expands
+into many `ExperimentConfig`s. Every model forbids unknown keys and is frozen, so a typo
+is an error before any work starts, and a config is a value that can be hashed and logged.
+Only plain dicts (`model_dump()`) cross process boundaries.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raymeta.errors import ConfigError
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "synthetic")
+NOISE_TYPES = ("none", "uniform", "symmetric", "flip_random", "flip_to_one", "pair",
+               "asymmetric", "feature_dependent", "real")
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+# ---------------------------------------------------------------------------------- data
+class DatasetConfig(_Config):
+    name: Literal[DATASETS] = "digits"
+    """which dataset: digits (bundled with scikit-learn), mnist, fashion_mnist, cifar10,
+    cifar100, clothing1m, synthetic (seeded Gaussian blobs)"""
+    root: str | None = None
+    """folder that holds the dataset files (not needed for digits and synthetic)"""
+    download: bool = False
+    """fetch missing files with torchvision's downloaders (needs internet)"""
+    augment: Literal["auto", "none", "flip", "crop", "crop_flip"] = "auto"
+    """training augmentation on the device; auto = crop_flip for CIFAR, flip for Clothing1M,
+    none for digits/MNIST (flipping digits changes their class)"""
+    test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
+    """share of samples held out as the test set for datasets without an official split
+    (digits, synthetic); the split is fixed, independent of the seed"""
+    image_size: int = Field(224, ge=8)
+    """side of the decoded images for file-list datasets (clothing1m)"""
+    synthetic_samples: int = Field(2000, ge=20)
+    """synthetic only: number of samples (train + test)"""
+    synthetic_classes: int = Field(4, ge=2)
+    """synthetic only: number of classes"""
+    synthetic_features: int = Field(16, ge=1)
+    """synthetic only: feature dimension (samples are shaped (1, 1, features))"""
+
+
+class NoiseConfig(_Config):
+    type: Literal[NOISE_TYPES] = "none"
+    """how noisy labels are made; see docs/noise.md for the exact semantics of each type"""
+    rate: float = Field(0.0, ge=0.0, lt=1.0)
+    """noise rate in [0, 1); its meaning per type is in docs/noise.md"""
+    file: str | None = None
+    """real: file with one noisy label per training sample (.npy, .txt, .csv, or a CIFAR-N .pt)"""
+    key: str | None = None
+    """real: which labels of a CIFAR-N .pt file (e.g. worse_label, aggre_label, random_label1)"""
+    mapping: dict[int, int] | None = None
+    """asymmetric: source class -> target class (default: the CIFAR-10 map 9->1, 2->0, 4->7, 3<->5)"""
+    probs_file: str | None = None
+    """feature_dependent: .npy of shape (N_train, K) with a clean-trained model's softmax
+    (default: out-of-fold logistic regression on the clean training data)"""
+
+    @model_validator(mode="after")
+    def _check(self) -> NoiseConfig:
+        if self.type == "none" and self.rate != 0.0:
+            raise ValueError(f"noise.type none needs noise.rate 0.0, got {self.rate}; "
+                             "pick a noise type, or set the rate to 0")
+        if self.type not in ("none", "real") and self.rate == 0.0:
+            pass  # a clean column of a grid; allowed, labels are unchanged
+        if self.type == "real" and self.rate != 0.0:
+            raise ValueError("noise.rate is not used with noise.type real (the labels come from "
+                             "noise.file or the dataset); remove it")
+        return self
+
+
+class MetaSetConfig(_Config):
+    per_class: int | None = Field(10, ge=1)
+    """clean meta samples per class (class-stratified); set per_class or size"""
+    size: int | None = Field(None, ge=1)
+    """total clean meta samples, spread over the classes as evenly as possible"""
+    source: Literal["train", "test", "val"] = "train"
+    """where the clean meta set comes from: carved from the training split (and removed from
+    it), from the test split (MLC/MetaLabelNet protocol; the rest stays the test set), or from
+    the dataset's clean validation split (clothing1m)"""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_or_per_class(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("size") is not None and "per_class" not in data:
+            data = {**data, "per_class": None}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> MetaSetConfig:
+        if (self.per_class is None) == (self.size is None):
+            raise ValueError("set exactly one of meta_set.per_class and meta_set.size")
+        return self
+
+
+# --------------------------------------------------------------------------------- model
+class ModelConfig(_Config):
+    name: Literal["mlp", "lenet", "cnn8", "preact_resnet18", "wrn", "resnet32", "resnet50"] = "mlp"
+    """backbone by name"""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """backbone options, e.g. {hidden: [128]} for mlp, {depth: 28, width: 10} for wrn,
+    {weights_path: /path/resnet50.pth} for resnet50"""
+
+
+# ---------------------------------------------------------------------------- optimizing
+class OptimizerConfig(_Config):
+    name: Literal["sgd", "adam"] = "sgd"
+    """optimizer of the classifier"""
+    lr: float = Field(0.1, gt=0.0)
+    """initial learning rate"""
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """SGD momentum"""
+    nesterov: bool = False
+    """SGD Nesterov momentum"""
+    weight_decay: float = Field(5e-4, ge=0.0)
+    """L2 weight decay"""
+
+
+class ScheduleConfig(_Config):
+    name: Literal["constant", "step", "cosine"] = "cosine"
+    """learning-rate schedule over epochs"""
+    milestones: list[int] = Field(default_factory=list)
+    """step: epochs at which the learning rate is multiplied by gamma"""
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    """step: multiplier at each milestone"""
+
+
+# -------------------------------------------------------------------------------- method
+class CEConfig(_Config):
+    """Plain cross-entropy on the noisy labels: the baseline every method is compared to."""
+
+    name: Literal["ce"] = "ce"
+
+
+METHOD_CONFIGS: dict[str, type[_Config]] = {"ce": CEConfig}
+"""method name -> its config class; a new method registers here and in MethodConfig"""
+MethodConfig = Annotated[Union[CEConfig], Field(discriminator="name")]
+METHODS = tuple(METHOD_CONFIGS)
+
+
+# ---------------------------------------------------------------------------- train/run
+class TrainConfig(_Config):
+    epochs: int = Field(20, ge=1)
+    """training epochs over the noisy training set"""
+    batch_size: int = Field(64, ge=1)
+    """training mini-batch size"""
+    meta_batch_size: int = Field(100, ge=1)
+    """clean meta mini-batch size (meta methods)"""
+    eval_batch_size: int = Field(1024, ge=1)
+    """batch size for evaluation"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where to train; auto = cuda when available"""
+    checkpoint: bool = True
+    """save a checkpoint every epoch (needed to resume)"""
+
+
+class ResourcesConfig(_Config):
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    """CPUs reserved per trial"""
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+    """GPUs per trial; a fraction (0.25) packs several small trials on one GPU"""
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    """at most this many trials at once (default: what the cluster's resources allow)"""
+
+
+class ExperimentConfig(_Config):
+    """One training run: data, noise, meta set, model, method, optimizer, schedule, seed."""
+
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    meta_set: MetaSetConfig = Field(default_factory=MetaSetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=CEConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    seed: int = Field(0, ge=0)
+    """fixes the noisy labels, the meta split, the initialisation and the batch order"""
+
+    def flat(self) -> dict[str, Any]:
+        """The config as one flat dict with dotted keys (for results columns)."""
+        return flatten(self.model_dump(mode="json"))
+
+    def digest(self) -> str:
+        """A short stable hash of the whole config."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+# -------------------------------------------------------------------------------- sweeps
+class SweepSpec(_Config):
+    """A sweep file: a base experiment and a grid over dotted keys, run as one trial per cell."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """sweep name: letters, digits, '_', '-', '.'; names its results partition"""
+    store: str = "results"
+    """results store: a local folder (relative to where you run) or a URI (s3://, gs://)"""
+    base: dict[str, Any] = Field(default_factory=dict)
+    """the experiment config every cell starts from"""
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    """dotted key -> values; the sweep runs every combination (a value may be a dict that
+    sets several keys under that key, e.g. noise: [{type: none}, {type: uniform, rate: 0.4}])"""
+    exclude: list[dict[str, Any]] = Field(default_factory=list)
+    """cells to skip: each entry maps dotted keys to values; a cell matching all is skipped"""
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+
+
+# ------------------------------------------------------------------------------- helpers
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists and empty dicts stay values."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value and not _is_leaf_dict(dotted):
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _is_leaf_dict(dotted: str) -> bool:
+    # free-form dicts whose keys are data, not config fields
+    return dotted in ("model.options", "noise.mapping")
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set tree['a']['b'] = value for 'a.b'; a dict value merges into what is there."""
+    *parents, last = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    if isinstance(value, dict) and isinstance(node.get(last), dict) and not _is_leaf_dict(dotted):
+        merged = dict(node[last])
+        for key, sub in value.items():
+            set_dotted(merged, key, sub)
+        node[last] = merged
+    else:
+        node[last] = value
+
+
+def get_dotted(tree: dict[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise KeyError(dotted)
+        node = node[part]
+    return node
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], where: str = "") -> str:
+    """One line per problem: the dotted field, the bad value, what is allowed, a did-you-mean."""
+    lines = []
+    for problem in err.errors():
+        raw_loc = [str(p) for p in problem["loc"]]
+        loc = [p for i, p in enumerate(raw_loc) if not (i and raw_loc[i - 1] == "method")]
+        field = ".".join(loc) or "(top level)"
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            parent = _model_at(model, raw_loc[:-1])
+            allowed = sorted(parent.model_fields) if parent else []
+            hint = difflib.get_close_matches(loc[-1], allowed, n=1)
+            msg = f"unknown key '{field}'"
+            if hint:
+                msg += f" (did you mean '{'.'.join(loc[:-1] + [hint[0]])}'?)"
+            if allowed:
+                msg += f"; allowed here: {', '.join(allowed)}"
+        elif kind == "literal_error":
+            allowed = problem.get("ctx", {}).get("expected", "")
+            value = problem.get("input")
+            choices = [c.strip().strip("'") for c in str(allowed).replace(" or ", ", ").split(",")]
+            hint = difflib.get_close_matches(str(value), choices, n=1)
+            msg = f"{field}: '{value}' is not allowed; choose one of {allowed}"
+            if hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+        elif kind == "union_tag_invalid":
+            tag = problem.get("ctx", {}).get("tag")
+            expected = problem.get("ctx", {}).get("expected_tags", "")
+            hint = difflib.get_close_matches(str(tag), [t.strip().strip("'") for t in
+                                                        str(expected).split(",")], n=1)
+            msg = f"{field}.name: unknown method '{tag}'; choose one of {expected}"
+            if hint:
+                msg += f" (did you mean '{hint[0]}'?)"
+        elif kind == "value_error":
+            msg = f"{field}: {problem['msg'].removeprefix('Value error, ')}"
+        else:
+            msg = f"{field}: {problem['msg']} (got {problem.get('input')!r})"
+        lines.append(msg)
+    head = f"invalid config{(' in ' + where) if where else ''}:"
+    return head + "\n  - " + "\n  - ".join(lines)
+
+
+def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
+    """The config class at a validation-error location (method tags pick their class)."""
+    current: Any = model
+    previous = None
+    for part in path:
+        if previous == "method":  # the discriminated union puts the method name in the path
+            current = METHOD_CONFIGS.get(part)
+        else:
+            field = getattr(current, "model_fields", {}).get(part)
+            if field is None:
+                return None
+            current = field.annotation
+        previous = part
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def parse_experiment(data: dict[str, Any], where: str = "") -> ExperimentConfig:
+    """Validate a dict as an ExperimentConfig; raise ConfigError with readable lines."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, ExperimentConfig, where)) from None
+
+
+def parse_sweep(data: Any, where: str = "") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid sweep file{(' ' + where) if where else ''}: expected a mapping "
+                          f"with keys name, base, grid, ...; got {type(data).__name__}")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, SweepSpec, where)) from None

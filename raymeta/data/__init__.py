@@ -1,0 +1,4 @@
+"""Data: datasets by name, label noise, the meta split, and device-resident batches.
+
+Knows nothing of models, methods or Ray.
+"""

@@ -1,0 +1,152 @@
+"""From a config to the three splits a trial trains on: noisy train, clean meta, clean test.
+
+Order: load the clean dataset -> carve the class-stratified meta set (seeded) -> corrupt the
+remaining training labels (seeded). Carving first means the realized noise rate is exactly
+the one the training set has, and the meta set always keeps its true labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from raymeta.config import ExperimentConfig, MetaSetConfig
+from raymeta.data.datasets import ImageFiles, RawData, load_raw, read_label_file
+from raymeta.data.noise import NoisyLabels, clean_model_probs, make_noisy_labels
+from raymeta.errors import ConfigError, DataError
+
+AUGMENT_DEFAULTS = {"cifar10": "crop_flip", "cifar100": "crop_flip", "clothing1m": "flip"}
+
+
+@dataclass
+class Split:
+    x: np.ndarray | ImageFiles
+    """uint8 images (N, C, H, W), float features, or lazily decoded image files"""
+    y: np.ndarray
+    """the labels training sees: noisy for the training split, clean for meta and test"""
+    y_clean: np.ndarray
+    """true labels (-1 where unknown)"""
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class DataBundle:
+    train: Split
+    meta: Split
+    test: Split
+    num_classes: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: str
+    noise: NoisyLabels
+    meta_sha: str
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        x = self.train.x
+        if isinstance(x, ImageFiles):
+            return (3, x.size, x.size)
+        return tuple(x.shape[1:])
+
+    def summary(self) -> dict:
+        """Facts about the data for the results row."""
+        return {"num_classes": self.num_classes, "train_size": len(self.train),
+                "meta_size": len(self.meta), "test_size": len(self.test),
+                "realized_noise_rate": self.noise.realized_rate,
+                "noisy_labels_sha": self.noise.sha, "meta_split_sha": self.meta_sha}
+
+
+def seeded_rng(seed: int, stream: str) -> np.random.Generator:
+    """An independent generator per purpose, so e.g. changing the meta size keeps the split seed."""
+    return np.random.default_rng([seed, int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")])
+
+
+def stratified_pick(labels: np.ndarray, num_classes: int, cfg: MetaSetConfig,
+                    rng: np.random.Generator, where: str) -> np.ndarray:
+    """Indices of a class-stratified subset (per_class each, or `size` spread evenly)."""
+    if cfg.per_class is not None:
+        want = np.full(num_classes, cfg.per_class)
+    else:
+        if cfg.size < num_classes:
+            raise ConfigError(f"meta_set.size {cfg.size} is smaller than the number of classes "
+                              f"({num_classes}); use at least {num_classes}")
+        want = np.full(num_classes, cfg.size // num_classes)
+        want[rng.permutation(num_classes)[: cfg.size % num_classes]] += 1
+    picked = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if want[c] >= len(members):
+            field = "per_class" if cfg.per_class is not None else "size"
+            raise ConfigError(f"meta_set.{field} asks for {want[c]} samples of class {c}, but the "
+                              f"{where} split has only {len(members)} (and must keep at least one); "
+                              f"use meta_set.per_class of at most {max(len(members) - 1, 0)}")
+        picked.append(rng.permutation(members)[: want[c]])
+    return np.sort(np.concatenate(picked))
+
+
+def build_data(cfg: ExperimentConfig) -> DataBundle:
+    raw = load_raw(cfg.dataset)
+    k = raw.num_classes
+    train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
+    keep = np.arange(len(train_y))  # indices of the original training split that stay in train
+    split_rng = seeded_rng(cfg.seed, "meta")
+    source = cfg.meta_set.source
+    if source == "train":
+        known = np.flatnonzero(train_y >= 0)
+        meta_idx = known[stratified_pick(train_y[known], k, cfg.meta_set, split_rng, "training")]
+        meta = Split(train_x[meta_idx], train_y[meta_idx], train_y[meta_idx])
+        keep = np.setdiff1d(keep, meta_idx)
+    elif source == "test":
+        meta_idx = stratified_pick(test_y, k, cfg.meta_set, split_rng, "test")
+        meta = Split(test_x[meta_idx], test_y[meta_idx], test_y[meta_idx])
+        rest = np.setdiff1d(np.arange(len(test_y)), meta_idx)
+        test_x, test_y = test_x[rest], test_y[rest]
+    else:
+        if raw.val_y is None:
+            raise ConfigError(f"meta_set.source val needs a dataset with a clean validation split "
+                              f"(clothing1m); '{cfg.dataset.name}' has none: use train or test")
+        meta_idx = stratified_pick(raw.val_y, k, cfg.meta_set, split_rng, "validation")
+        meta = Split(raw.val_x[meta_idx], raw.val_y[meta_idx], raw.val_y[meta_idx])
+
+    clean = train_y[keep]
+    noise_rng = seeded_rng(cfg.seed, "noise")
+    given = probs = None
+    if cfg.noise.type == "real":
+        if cfg.noise.file is not None:
+            given = read_label_file(cfg.noise.file, cfg.noise.key, len(train_y))[keep]
+        elif raw.train_given is not None:
+            given = raw.train_given[keep]
+    elif (clean < 0).any():
+        raise ConfigError(f"dataset '{cfg.dataset.name}' ships noisy training labels and no clean "
+                          f"ones; use noise.type real")
+    if cfg.noise.type == "feature_dependent":
+        if cfg.noise.probs_file is not None:
+            probs = np.load(cfg.noise.probs_file)
+            if len(probs) != len(train_y):
+                raise DataError(f"noise.probs_file {cfg.noise.probs_file} has {len(probs)} rows "
+                                f"but the training split has {len(train_y)} samples")
+            probs = probs[keep]
+        else:
+            probs = clean_model_probs(np.asarray(train_x[keep]), clean, k, cfg.seed)
+    noise = make_noisy_labels(clean, k, cfg.noise.type, cfg.noise.rate, noise_rng,
+                              given=given, probs=probs, mapping=cfg.noise.mapping)
+    train = Split(train_x[keep], noise.labels, clean)
+    test = Split(test_x, test_y, test_y)
+
+    if raw.mean is not None:
+        mean, std = raw.mean, raw.std
+    else:  # per-channel statistics of the training inputs, on the [0, 1] scale for images
+        x = train.x.astype(np.float64) / (255.0 if train.x.dtype == np.uint8 else 1.0)
+        axes = (0, 2, 3)
+        mean = tuple(float(v) for v in x.mean(axis=axes))
+        std = tuple(float(max(v, 1e-6)) for v in x.std(axis=axes))
+    augment = cfg.dataset.augment
+    if augment == "auto":
+        augment = AUGMENT_DEFAULTS.get(cfg.dataset.name, "none")
+    meta_sha = hashlib.sha256(np.ascontiguousarray(meta_idx, dtype=np.int64)).hexdigest()[:16]
+    return DataBundle(train, meta, test, k, raw.class_names, mean, std, augment, noise, meta_sha)

@@ -1,0 +1,154 @@
+"""Datasets by name, as arrays in memory (or image files decoded lazily).
+
+`load_raw` returns the clean training and test splits of a dataset; noise and the meta split
+are applied on top by `raymeta.data.bundle`. Digits and synthetic need no files; the others
+read the official release formats through `raymeta.data.formats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from raymeta.config import DatasetConfig
+from raymeta.data import formats
+from raymeta.errors import ConfigError, DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageFiles:
+    """Image paths under a root, indexed like an array and decoded on demand."""
+
+    def __init__(self, root: Path, paths: np.ndarray, size: int):
+        self.root, self.paths, self.size = Path(root), np.asarray(paths, dtype=object), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx) -> ImageFiles:
+        return ImageFiles(self.root, self.paths[idx], self.size)
+
+    def decode(self) -> np.ndarray:
+        return formats.decode_images(self.root, list(self.paths), self.size)
+
+
+@dataclass
+class RawData:
+    train_x: np.ndarray | ImageFiles
+    train_y: np.ndarray
+    """clean training labels; -1 where unknown (clothing1m)"""
+    test_x: np.ndarray | ImageFiles
+    test_y: np.ndarray
+    num_classes: int
+    class_names: list[str]
+    train_given: np.ndarray | None = None
+    """noisy labels that ship with the dataset (clothing1m), used by noise.type real"""
+    val_x: np.ndarray | ImageFiles | None = None
+    val_y: np.ndarray | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def load_raw(cfg: DatasetConfig) -> RawData:
+    if cfg.name == "digits":
+        return _digits(cfg.test_fraction)
+    if cfg.name == "synthetic":
+        return _synthetic(cfg)
+    if cfg.root is None and not cfg.download:
+        raise ConfigError(f"dataset.root is required for dataset '{cfg.name}': set it to the folder "
+                          f"that holds the files (or set dataset.download: true)")
+    root = Path(cfg.root or ".").expanduser().resolve()
+    if cfg.name in ("mnist", "fashion_mnist"):
+        arrays = formats.load_mnist(root, variant=cfg.name, download=cfg.download)
+    elif cfg.name in ("cifar10", "cifar100"):
+        arrays = formats.load_cifar(root, num_classes=int(cfg.name[5:]), download=cfg.download)
+    elif cfg.name == "clothing1m":
+        return _clothing1m(root, cfg.image_size)
+    else:  # unreachable: the config validates the name
+        raise ConfigError(f"unknown dataset '{cfg.name}'")
+    return RawData(arrays.train_x, arrays.train_y.astype(np.int64), arrays.test_x,
+                   arrays.test_y.astype(np.int64), arrays.num_classes, list(arrays.class_names))
+
+
+def _fixed_split(y: np.ndarray, test_fraction: float):
+    """A stratified train/test split that is the same for every seed."""
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=0)
+
+
+def _digits(test_fraction: float) -> RawData:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    # 8x8 images with 17 grey levels (0..16) -> uint8 0..255, shaped (N, 1, 8, 8)
+    x = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
+    y = digits.target.astype(np.int64)
+    train, test = _fixed_split(y, test_fraction)
+    return RawData(x[train], y[train], x[test], y[test], 10, [str(d) for d in range(10)])
+
+
+def _synthetic(cfg: DatasetConfig) -> RawData:
+    """Gaussian blobs, one per class, fixed by a constant seed (the trial seed picks the noise)."""
+    rng = np.random.default_rng(1234)
+    k, d, n = cfg.synthetic_classes, cfg.synthetic_features, cfg.synthetic_samples
+    centers = rng.normal(0.0, 2.0, size=(k, d))
+    y = np.arange(n) % k
+    x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)[:, None, None, :]
+    train, test = _fixed_split(y, cfg.test_fraction)
+    return RawData(x[train], y[train], x[test], y[test], k, [f"class{c}" for c in range(k)])
+
+
+def _clothing1m(root: Path, size: int) -> RawData:
+    data = formats.load_clothing1m(root)
+
+    def files(split):
+        return ImageFiles(split.root, np.asarray(split.paths, dtype=object), size)
+
+    return RawData(files(data.train), data.train.clean_labels.astype(np.int64),
+                   files(data.test), data.test.labels.astype(np.int64), data.num_classes,
+                   list(data.class_names), train_given=data.train.labels.astype(np.int64),
+                   val_x=files(data.val), val_y=data.val.labels.astype(np.int64),
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def read_label_file(path: str, key: str | None, expected: int) -> np.ndarray:
+    """Noisy labels from a file: .npy, .txt/.csv (one label per line, or `path label`), or a
+    CIFAR-N style .pt holding a dict of label arrays (pick one with `key`)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"noise.file {file} does not exist; point noise.file at the label file")
+    try:
+        if file.suffix == ".npy":
+            labels = np.load(file)
+        elif file.suffix == ".pt":
+            import torch
+
+            content = torch.load(file, map_location="cpu", weights_only=False)
+            if isinstance(content, dict):
+                label_keys = sorted(k for k in content if "label" in str(k)) or sorted(content)
+                if key is None:
+                    raise DataError(f"noise.file {file} holds several label sets; set noise.key "
+                                    f"to one of: {', '.join(map(str, label_keys))}")
+                if key not in content:
+                    raise DataError(f"noise.key '{key}' is not in {file}; choose one of: "
+                                    f"{', '.join(map(str, label_keys))}")
+                content = content[key]
+            labels = np.asarray(content)
+        else:
+            rows = [line.replace(",", " ").split() for line in file.read_text().splitlines()]
+            labels = np.array([int(r[-1]) for r in rows if r])
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"could not read noisy labels from {file}: {err}") from None
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    if len(labels) != expected:
+        raise DataError(f"noise.file {file} has {len(labels)} labels but the training split has "
+                        f"{expected} samples; use the label file made for this dataset")
+    return labels

@@ -1,0 +1,34 @@
+"""The base class every backbone subclasses: penultimate features plus one linear classifier."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from raymeta.errors import ConfigError
+
+
+class Backbone(nn.Module):
+    """A classifier split as ``forward(x) == classifier(features(x))``.
+
+    Subclasses set ``feature_dim``, build ``self.classifier = nn.Linear(feature_dim, num_classes)``
+    and implement ``features(x) -> (B, feature_dim)``. Inputs are normalised float tensors (B, C, H, W).
+    """
+
+    feature_dim: int
+    classifier: nn.Linear
+
+    def features(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise ConfigError(message) unless condition holds (for option and shape checks)."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

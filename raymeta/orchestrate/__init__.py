@@ -1,0 +1,1 @@
+"""Orchestration: sweep files into grids of trials, run with Ray Tune (Ray imported lazily)."""

@@ -1,0 +1,110 @@
+"""Sweep files: read, validate, and expand into one validated ExperimentConfig per cell.
+
+Everything here runs before Ray starts, so a bad file costs the user a second, not an hour.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raymeta.config import (ExperimentConfig, SweepSpec, get_dotted, parse_experiment,
+                            parse_sweep, set_dotted)
+from raymeta.errors import ConfigError
+from raymeta.orchestrate.trial import trial_id_for
+
+PATH_KEYS = ("dataset.root", "noise.file", "noise.probs_file", "model.options.weights_path")
+"""config values that are file paths: made absolute, because trials run in other folders"""
+
+
+@dataclass(frozen=True)
+class Cell:
+    trial_id: str
+    config: ExperimentConfig
+    overrides: dict[str, Any]
+
+
+def read_yaml(path: str | Path) -> Any:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"no such file: {file}")
+    try:
+        return yaml.safe_load(file.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{file}: YAML syntax error{where}: {problem}") from None
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    return parse_sweep(read_yaml(path), where=str(path))
+
+
+def absolutize(data: dict, base_dir: Path) -> dict:
+    data = copy.deepcopy(data)
+    for key in PATH_KEYS:
+        try:
+            value = get_dotted(data, key)
+        except KeyError:
+            continue
+        if isinstance(value, str) and "://" not in value:
+            set_dotted(data, key, str((base_dir / Path(value).expanduser()).resolve()))
+    return data
+
+
+def _matches(overrides: dict[str, Any], rule: dict[str, Any], data: dict) -> bool:
+    for key, want in rule.items():
+        try:
+            have = get_dotted(data, key)
+        except KeyError:
+            have = overrides.get(key)
+        if have != want:
+            return False
+    return True
+
+
+def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
+    """All cells of the grid minus the excluded ones; every cell validated, all errors at once."""
+    for key, values in spec.grid.items():
+        if not values:
+            raise ConfigError(f"sweep '{spec.name}': grid key '{key}' has no values; give at "
+                              f"least one, or remove the key")
+    keys = list(spec.grid)
+    cells, errors, seen = [], [], {}
+    used_rules = set()
+    for combo in itertools.product(*(spec.grid[k] for k in keys)):
+        overrides = dict(zip(keys, combo))
+        data = copy.deepcopy(spec.base)
+        for key, value in overrides.items():
+            set_dotted(data, key, value)
+        hit = [i for i, rule in enumerate(spec.exclude) if _matches(overrides, rule, data)]
+        if hit:
+            used_rules.update(hit)
+            continue
+        try:
+            cfg = parse_experiment(absolutize(data, Path(base_dir)), where=f"cell {overrides}")
+        except ConfigError as err:
+            errors.append(str(err))
+            continue
+        trial_id = trial_id_for(cfg)
+        if trial_id in seen:  # two grid cells that are the same experiment run once
+            continue
+        seen[trial_id] = True
+        cells.append(Cell(trial_id, cfg, overrides))
+    unused = [spec.exclude[i] for i in range(len(spec.exclude)) if i not in used_rules]
+    if unused:
+        errors.append(f"exclude rule(s) that match no cell of the grid: {unused}; check the "
+                      f"keys and values (they must equal grid values exactly)")
+    if errors:
+        unique = list(dict.fromkeys(errors))
+        more = f"\n(and {len(unique) - 5} more)" if len(unique) > 5 else ""
+        raise ConfigError(f"sweep '{spec.name}' has invalid cells:\n" + "\n".join(unique[:5]) + more)
+    if not cells:
+        raise ConfigError(f"sweep '{spec.name}' has no cells to run (every cell is excluded)")
+    return cells

@@ -1,0 +1,142 @@
+"""Run a sweep with Ray Tune: one trial per grid cell, on a local Ray or a running cluster.
+
+Each trial is a plain Tune function trainable (ray-notes 1.5b: no Train controller for a
+one-process trial) that runs the Trainer, reports every epoch with a checkpoint, and writes
+its Parquet rows at the end. Ray is imported here only, so the rest of raymeta runs without it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from raymeta.config import ExperimentConfig, SweepSpec
+from raymeta.errors import ConfigError
+from raymeta.orchestrate.grid import Cell
+from raymeta.orchestrate.trial import run_trial
+from raymeta.results.store import resolve_store
+
+# quiet, hermetic defaults for local runs; a user's own settings win
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+# a checkpoint every epoch is the design; Tune's warning about frequent snapshots is noise here
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def _tune_trial(config: dict) -> None:
+    """The Tune trainable: train one cell, report each epoch, write its rows."""
+    import ray.tune
+
+    cell = config["cell"]
+    cfg = ExperimentConfig.model_validate(cell["experiment"])
+
+    def report(metrics: dict, trainer) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save_checkpoint(folder)
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+    def run(resume_from=None) -> None:
+        extra = {"tune_trial_id": ray.tune.get_context().get_trial_id()}
+        run_trial(cfg, store=config["store"], sweep=config["sweep"], trial_id=cell["trial_id"],
+                  on_epoch_end=report, resume_from=resume_from, extra=extra)
+
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        run()
+    else:  # a restarted trial continues from its last epoch
+        with checkpoint.as_directory() as folder:
+            run(resume_from=folder)
+
+
+def _progress_callback(total: int):
+    import ray.tune
+
+    class Progress(ray.tune.Callback):
+        """One line per finished trial instead of Tune's tables."""
+
+        def __init__(self):
+            self.done = self.failed = 0
+            self.started = time.monotonic()
+
+        def _line(self, trial, text: str) -> None:
+            finished = self.done + self.failed
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / finished * (total - finished) if finished else 0.0
+            print(f"[{finished}/{total}] {trial.config['cell']['trial_id']}: {text} "
+                  f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            result = trial.last_result or {}
+            self._line(trial, f"test_acc {result.get('test_acc', float('nan')):.4f}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.failed += 1
+            self._line(trial, "FAILED (see `raymeta results failed`)")
+
+    return Progress()
+
+
+def _trial_name(trial) -> str:
+    return trial.config["cell"]["trial_id"]
+
+
+def start_ray(address: str | None, spec: SweepSpec) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    need_gpus = spec.resources.gpus_per_trial > 0
+    if need_gpus:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"sweep '{spec.name}' asks for resources.gpus_per_trial "
+                              f"{spec.resources.gpus_per_trial}, but this machine has no GPU; "
+                              f"set it to 0 or pass --address of a cluster with GPUs")
+    ray.init(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+
+
+def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
+              resume: bool = False) -> int:
+    """Run the cells with Ray Tune; returns the number of failed trials."""
+    import ray.tune
+
+    store = resolve_store(spec.store)
+    storage_path = f"{store.rstrip('/')}/tune"
+    start_ray(address, spec)
+    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    trainable = ray.tune.with_resources(_tune_trial, resources)
+    experiment = f"{storage_path}/{spec.name}"
+    callbacks = [_progress_callback(len(cells))]
+    if resume and ray.tune.Tuner.can_restore(experiment):
+        tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+    else:
+        if resume:
+            print(f"nothing to resume at {experiment}; starting the sweep", file=sys.stderr)
+        param_space = {"store": store, "sweep": spec.name,
+                       "cell": ray.tune.grid_search(
+                           [{"trial_id": c.trial_id, "experiment": c.config.model_dump(mode="json")}
+                            for c in cells])}
+        tuner = ray.tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=ray.tune.TuneConfig(
+                max_concurrent_trials=spec.resources.max_concurrent_trials,
+                reuse_actors=True,  # skips a process start and a torch import per trial
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=ray.tune.RunConfig(
+                name=spec.name, storage_path=storage_path, verbose=0, callbacks=callbacks,
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
+                failure_config=ray.tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    return grid.num_errors
+

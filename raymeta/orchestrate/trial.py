@@ -1,0 +1,74 @@
+"""One trial from start to results rows, with or without Ray around it."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import platform
+import socket
+import subprocess
+import sys
+import traceback
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from raymeta.config import ExperimentConfig
+from raymeta.results.store import write_trial
+from raymeta.train import Trainer
+
+
+@functools.cache
+def provenance() -> dict:
+    """Versions, git revision and host that produced a result."""
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return ""
+
+    repo = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip() != ""
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = "", False
+    return {"git_rev": rev + ("-dirty" if rev and dirty else ""),
+            "raymeta_version": version("raymeta"), "torch_version": version("torch"),
+            "ray_version": version("ray"), "python_version": platform.python_version(),
+            "hostname": socket.gethostname()}
+
+
+def trial_id_for(cfg: ExperimentConfig) -> str:
+    """Readable and stable: the same config always gets the same id (so retries replace rows)."""
+    noise = "clean" if cfg.noise.type == "none" else f"{cfg.noise.type}{cfg.noise.rate:g}"
+    return f"{cfg.method.name}_{cfg.dataset.name}_{noise}_s{cfg.seed}_{cfg.digest()[:8]}"
+
+
+def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str | None = None,
+              on_epoch_end: Callable | None = None, checkpoint_dir: str | Path | None = None,
+              resume_from: str | Path | None = None, extra: dict | None = None) -> dict:
+    """Train `cfg` and write its trial row and curves; a failure writes a failed row and re-raises."""
+    trial_id = trial_id or trial_id_for(cfg)
+    started = dt.datetime.now(dt.timezone.utc)
+    row = {"sweep_name": sweep, "config_digest": cfg.digest(), "config_json": cfg.model_dump_json(),
+           **cfg.flat(), **provenance(), **(extra or {}), "started_at": started.isoformat()}
+    trainer = None
+    try:
+        trainer = Trainer(cfg, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoint_dir,
+                          resume_from=resume_from)
+        result = trainer.fit()
+    except BaseException as err:
+        row.update(status="failed", error=f"{type(err).__name__}: {err}",
+                   finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: leave no row
+            raise
+        print(traceback.format_exc(), file=sys.stderr)
+        write_trial(store, sweep, trial_id, row, trainer.curves if trainer else [])
+        raise
+    row.update(status="completed", error="", **result.outcome,
+               finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
+    write_trial(store, sweep, trial_id, row, result.curves)
+    return row
