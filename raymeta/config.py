@@ -48,7 +48,7 @@ class DatasetConfig(_Config):
     synthetic_classes: int = Field(4, ge=2)
     """synthetic only: number of classes"""
     synthetic_features: int = Field(16, ge=1)
-    """synthetic only: feature dimension (samples are shaped (1, 1, features))"""
+    """synthetic only: feature dimension (samples are shaped (features, 1, 1))"""
 
 
 class NoiseConfig(_Config):
@@ -71,8 +71,6 @@ class NoiseConfig(_Config):
         if self.type == "none" and self.rate != 0.0:
             raise ValueError(f"noise.type none needs noise.rate 0.0, got {self.rate}; "
                              "pick a noise type, or set the rate to 0")
-        if self.type not in ("none", "real") and self.rate == 0.0:
-            pass  # a clean column of a grid; allowed, labels are unchanged
         if self.type == "real" and self.rate != 0.0:
             raise ValueError("noise.rate is not used with noise.type real (the labels come from "
                              "noise.file or the dataset); remove it")
@@ -294,6 +292,9 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
             msg = f"{field}.name: unknown method '{tag}'; choose one of {expected}"
             if hint:
                 msg += f" (did you mean '{hint[0]}'?)"
+        elif kind == "string_pattern_mismatch":
+            msg = (f"{field}: '{problem.get('input')}' may only contain letters, digits, '_', '-' "
+                   f"and '.', and must start with a letter or digit")
         elif kind == "value_error":
             msg = f"{field}: {problem['msg'].removeprefix('Value error, ')}"
         else:

@@ -28,6 +28,8 @@ class Split:
     """the labels training sees: noisy for the training split, clean for meta and test"""
     y_clean: np.ndarray
     """true labels (-1 where unknown)"""
+    origin: np.ndarray
+    """positions in the dataset split these samples come from (train, test or val)"""
 
     def __len__(self) -> int:
         return len(self.y)
@@ -93,25 +95,25 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
     raw = load_raw(cfg.dataset)
     k = raw.num_classes
     train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
-    keep = np.arange(len(train_y))  # indices of the original training split that stay in train
+    keep = np.arange(len(train_y))  # positions of the training split that stay in train
+    test_keep = np.arange(len(test_y))
     split_rng = seeded_rng(cfg.seed, "meta")
     source = cfg.meta_set.source
     if source == "train":
         known = np.flatnonzero(train_y >= 0)
         meta_idx = known[stratified_pick(train_y[known], k, cfg.meta_set, split_rng, "training")]
-        meta = Split(train_x[meta_idx], train_y[meta_idx], train_y[meta_idx])
+        meta = Split(train_x[meta_idx], train_y[meta_idx], train_y[meta_idx], meta_idx)
         keep = np.setdiff1d(keep, meta_idx)
     elif source == "test":
         meta_idx = stratified_pick(test_y, k, cfg.meta_set, split_rng, "test")
-        meta = Split(test_x[meta_idx], test_y[meta_idx], test_y[meta_idx])
-        rest = np.setdiff1d(np.arange(len(test_y)), meta_idx)
-        test_x, test_y = test_x[rest], test_y[rest]
+        meta = Split(test_x[meta_idx], test_y[meta_idx], test_y[meta_idx], meta_idx)
+        test_keep = np.setdiff1d(test_keep, meta_idx)
     else:
         if raw.val_y is None:
             raise ConfigError(f"meta_set.source val needs a dataset with a clean validation split "
                               f"(clothing1m); '{cfg.dataset.name}' has none: use train or test")
         meta_idx = stratified_pick(raw.val_y, k, cfg.meta_set, split_rng, "validation")
-        meta = Split(raw.val_x[meta_idx], raw.val_y[meta_idx], raw.val_y[meta_idx])
+        meta = Split(raw.val_x[meta_idx], raw.val_y[meta_idx], raw.val_y[meta_idx], meta_idx)
 
     clean = train_y[keep]
     noise_rng = seeded_rng(cfg.seed, "noise")
@@ -135,8 +137,8 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
             probs = clean_model_probs(np.asarray(train_x[keep]), clean, k, cfg.seed)
     noise = make_noisy_labels(clean, k, cfg.noise.type, cfg.noise.rate, noise_rng,
                               given=given, probs=probs, mapping=cfg.noise.mapping)
-    train = Split(train_x[keep], noise.labels, clean)
-    test = Split(test_x, test_y, test_y)
+    train = Split(train_x[keep], noise.labels, clean, keep)
+    test = Split(test_x[test_keep], test_y[test_keep], test_y[test_keep], test_keep)
 
     if raw.mean is not None:
         mean, std = raw.mean, raw.std

@@ -99,7 +99,7 @@ def _synthetic(cfg: DatasetConfig) -> RawData:
     k, d, n = cfg.synthetic_classes, cfg.synthetic_features, cfg.synthetic_samples
     centers = rng.normal(0.0, 2.0, size=(k, d))
     y = np.arange(n) % k
-    x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)[:, None, None, :]
+    x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)[:, :, None, None]  # (N, F, 1, 1)
     train, test = _fixed_split(y, cfg.test_fraction)
     return RawData(x[train], y[train], x[test], y[test], k, [f"class{c}" for c in range(k)])
 

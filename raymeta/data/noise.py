@@ -4,7 +4,7 @@ explicit NumPy generator, so a seed fixes the noise on any machine.
 Semantics of `rate` per type (K classes, n_c samples of class c):
 - uniform:       each sample, with probability rate, gets a label drawn uniformly from all K
                  classes, its own included (MW-Net `unif`); wrong-label rate = rate*(K-1)/K.
-- symmetric:     exactly round(n_c*rate) samples of each class get another class, spread as
+- symmetric:     exactly round(n_c*rate) (halves up) samples of each class get another class, spread as
                  evenly as possible over the K-1 others (MetaLabelNet); wrong rate = rate.
 - flip_random:   exactly round(n_c*rate) per class, each to an independent uniform other class (MLC).
 - flip_to_one:   exactly round(n_c*rate) per class, all to one seeded random other class (MLC).
@@ -78,6 +78,11 @@ def make_noisy_labels(clean: np.ndarray, num_classes: int, noise_type: str, rate
                        _wrong_rate(clean, noisy))
 
 
+def exact_count(n: int, rate: float) -> int:
+    """round(n * rate), halves rounded up (Python's round() would round 2.5 to 2)."""
+    return int(np.floor(n * rate + 0.5))
+
+
 def _per_class(clean, num_classes, noise_type, rate, rng, mapping) -> np.ndarray:
     """The exact-count types: corrupt round(n_c * rate) samples of each (source) class c."""
     classes = np.arange(num_classes)
@@ -98,7 +103,7 @@ def _per_class(clean, num_classes, noise_type, rate, rng, mapping) -> np.ndarray
         if noise_type == "asymmetric" and c not in mapping:
             continue
         members = np.flatnonzero(clean == c)
-        chosen = rng.permutation(members)[: int(round(len(members) * rate))]
+        chosen = rng.permutation(members)[: exact_count(len(members), rate)]
         others = classes[classes != c]
         if noise_type == "symmetric":  # as even as possible over the other classes
             counts = np.full(len(others), len(chosen) // len(others))
@@ -123,7 +128,7 @@ def _feature_dependent(clean, probs, rate, rng) -> np.ndarray:
     if probs.shape != (len(clean), probs.shape[1] if probs.ndim == 2 else -1):
         raise ConfigError(f"feature_dependent probabilities have shape {probs.shape}; expected "
                           f"({len(clean)}, num_classes)")
-    n_noisy = int(round(len(clean) * rate))
+    n_noisy = exact_count(len(clean), rate)
     order = np.argsort(-probs, axis=1, kind="stable")
     top1, top2 = order[:, 0], order[:, 1]
     rows = np.arange(len(clean))

@@ -1,0 +1,80 @@
+"""The `raymeta` command as a user runs it (subprocesses, real files)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raymeta(*args, cwd, check=True):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "raymeta.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+TINY = """
+dataset: {name: digits}
+model: {name: mlp, options: {hidden: [32]}}
+train: {epochs: 2, batch_size: 128}
+meta_set: {per_class: 5}
+"""
+
+
+def test_validate_shipped_sweeps(tmp_path):
+    proc = raymeta("validate", *map(str, sorted(ROOT.glob("sweeps/*.yaml"))), cwd=tmp_path)
+    assert "quickstart.yaml: ok, sweep with 6 trials" in proc.stdout
+
+
+def test_bad_input_exits_2_with_the_reason(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: q\nbase: {noise: {type: unifrom, rate: 0.4}}\ngrid: {seed: [0]}\n")
+    proc = raymeta("sweep", str(bad), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "noise.type: 'unifrom' is not allowed" in proc.stderr and "did you mean 'uniform'" in proc.stderr
+    assert not (tmp_path / "results").exists()  # nothing written, no Ray started
+    proc = raymeta("validate", str(bad), cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "unifrom" in proc.stderr
+
+
+def test_run_then_summary(tmp_path):
+    (tmp_path / "exp.yaml").write_text(TINY)
+    proc = raymeta("run", "exp.yaml", "--set", "noise.type=uniform", "--set", "noise.rate=0.4",
+                   cwd=tmp_path)
+    assert "epoch   2/2" in proc.stdout and "final test acc" in proc.stdout
+    assert list((tmp_path / "runs").glob("*/checkpoint.pt"))
+    summary = raymeta("results", "summary", "--sweep", "runs", cwd=tmp_path)
+    assert "uniform 0.4" in summary.stdout and "(1)" in summary.stdout
+    again = raymeta("run", "exp.yaml", "--set", "noise.type=uniform", "--set", "noise.rate=0.4",
+                    "--resume", cwd=tmp_path)  # already finished: nothing left to train
+    assert not [line for line in again.stdout.splitlines() if line.startswith("epoch")]
+    final = [line for line in proc.stdout.splitlines() if "final test acc" in line]
+    assert final and final[0].split(":")[1] in again.stdout  # the same result, from the checkpoint
+    missing = raymeta("results", "summary", "--sweep", "nope", cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "no trials results for sweep 'nope'" in missing.stderr
+
+
+@pytest.mark.ray
+def test_sweep_command_prints_the_summary(tmp_path):
+    (tmp_path / "mini.yaml").write_text(textwrap.dedent("""
+        name: mini
+        store: out
+        base:
+          dataset: {name: digits}
+          model: {name: mlp, options: {hidden: [32]}}
+          train: {epochs: 2, batch_size: 128}
+        grid:
+          noise: [{type: none}, {type: flip_to_one, rate: 0.4}]
+        """))
+    proc = raymeta("sweep", "mini.yaml", cwd=tmp_path)
+    assert "sweep 'mini': 2 trials" in proc.stdout
+    assert "[2/2]" in proc.stdout and "2 completed, 0 failed" in proc.stdout
+    assert "clean" in proc.stdout and "flip_to_one 0.4" in proc.stdout
+    assert len(list((tmp_path / "out" / "trials" / "sweep=mini").glob("*.parquet"))) == 2

@@ -1,0 +1,111 @@
+"""Configs and sweep files: bad input is an error that names the key, the value and the fix."""
+
+import pytest
+
+from raymeta.config import ExperimentConfig, flatten, parse_experiment, parse_sweep
+from raymeta.errors import ConfigError
+from raymeta.orchestrate.grid import expand, load_sweep, read_yaml
+
+BAD_EXPERIMENTS = [
+    ({"noise": {"typ": "uniform"}}, "unknown key 'noise.typ' (did you mean 'noise.type'?)"),
+    ({"noise": {"type": "unifrom"}}, "noise.type: 'unifrom' is not allowed; choose one of"),
+    ({"noise": {"type": "unifrom"}}, "(did you mean 'uniform'?)"),
+    ({"method": {"name": "mwnett"}}, "method.name: unknown method 'mwnett'; choose one of 'ce'"),
+    ({"noise": {"type": "uniform", "rate": 1.0}}, "noise.rate: Input should be less than 1"),
+    ({"noise": {"type": "uniform", "rate": -0.1}}, "noise.rate: Input should be greater than or equal to 0"),
+    ({"noise": {"rate": 0.3}}, "noise.type none needs noise.rate 0.0, got 0.3"),
+    ({"train": {"epochs": 0}}, "train.epochs: Input should be greater than or equal to 1"),
+    ({"datset": {}}, "unknown key 'datset' (did you mean 'dataset'?)"),
+    ({"method": {"name": "ce", "lr": 1}}, "unknown key 'method.lr'; allowed here: name"),
+    ({"meta_set": {"per_class": 5, "size": 10}}, "set exactly one of meta_set.per_class and meta_set.size"),
+    ({"model": {"name": "resnet"}}, "(did you mean 'resnet50'?)"),
+    ({"dataset": {"name": "cifar"}}, "dataset.name: 'cifar' is not allowed"),
+]
+
+
+@pytest.mark.parametrize("data,message", BAD_EXPERIMENTS)
+def test_bad_experiment_is_a_clear_error(data, message):
+    with pytest.raises(ConfigError) as err:
+        parse_experiment(data)
+    assert message in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_experiment({"noise": {"typ": 1}, "train": {"epochs": -1}})
+    assert "noise.typ" in str(err.value) and "train.epochs" in str(err.value)
+
+
+def test_defaults_and_flat_keys():
+    cfg = parse_experiment({"meta_set": {"size": 50}})
+    assert cfg.meta_set.per_class is None and cfg.meta_set.size == 50
+    flat = ExperimentConfig().flat()
+    assert flat["noise.type"] == "none" and flat["method.name"] == "ce" and "model.options" in flat
+    assert flatten({"a": {"b": 1, "c": {}}}) == {"a.b": 1, "a.c": {}}
+
+
+def test_configs_are_frozen_and_hashable_by_content():
+    a, b = parse_experiment({"seed": 1}), parse_experiment({"seed": 1})
+    assert a.digest() == b.digest() != parse_experiment({"seed": 2}).digest()
+    with pytest.raises(Exception):
+        a.seed = 3
+
+
+def sweep(**fields):
+    return parse_sweep({"name": "t", "base": {"train": {"epochs": 1}}, **fields})
+
+
+def test_grid_expands_dotted_keys_and_dict_values():
+    spec = sweep(grid={"noise": [{"type": "none"}, {"type": "uniform", "rate": 0.4}],
+                       "seed": [0, 1, 2], "model.options.hidden": [[16]]})
+    cells = expand(spec)
+    assert len(cells) == 6
+    assert {c.config.noise.type for c in cells} == {"none", "uniform"}
+    assert all(c.config.model.options == {"hidden": [16]} for c in cells)
+    assert len({c.trial_id for c in cells}) == 6
+
+
+def test_exclude_and_its_errors():
+    grid = {"noise.type": ["uniform", "pair"], "noise.rate": [0.2, 0.4]}
+    cells = expand(sweep(grid=grid, exclude=[{"noise.type": "pair", "noise.rate": 0.4}]))
+    assert len(cells) == 3
+    with pytest.raises(ConfigError, match="exclude rule.*match no cell"):
+        expand(sweep(grid=grid, exclude=[{"noise.type": "pairs"}]))
+    with pytest.raises(ConfigError, match="every cell is excluded"):
+        expand(sweep(grid={"seed": [0]}, exclude=[{"seed": 0}]))
+
+
+def test_empty_grid_values_and_invalid_cells():
+    with pytest.raises(ConfigError, match="grid key 'seed' has no values"):
+        expand(sweep(grid={"seed": []}))
+    with pytest.raises(ConfigError) as err:
+        expand(sweep(grid={"noise.type": ["uniform", "unifrom"], "noise.rate": [0.2]}))
+    assert "cell {'noise.type': 'unifrom'" in str(err.value) and "did you mean 'uniform'" in str(err.value)
+
+
+def test_sweep_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ngrid:\n  seed: [0, 1\n")
+    with pytest.raises(ConfigError, match=r"YAML syntax error at line \d+, column \d+"):
+        read_yaml(bad)
+    with pytest.raises(ConfigError, match="no such file"):
+        read_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="'bad name' may only contain letters"):
+        parse_sweep({"name": "bad name"})
+    with pytest.raises(ConfigError, match="unknown key 'grd' \\(did you mean 'grid'\\?\\)"):
+        parse_sweep({"name": "x", "grd": {}})
+
+
+def test_relative_paths_are_made_absolute(tmp_path):
+    spec = sweep(base={"dataset": {"name": "cifar10", "root": "data/c10"}}, grid={"seed": [0]})
+    cell = expand(spec, base_dir=tmp_path)[0]
+    assert cell.config.dataset.root == str(tmp_path / "data" / "c10")
+
+
+def test_every_shipped_sweep_file_is_valid():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parents[1].glob("sweeps/**/*.yaml"))
+    assert files, "no sweep files found"
+    for file in files:
+        assert expand(load_sweep(file)), file

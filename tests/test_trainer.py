@@ -1,0 +1,75 @@
+"""The Trainer: really trains, resumes exactly from a checkpoint, fails clearly."""
+
+import pytest
+import torch
+from conftest import tiny_experiment
+
+from raymeta.config import parse_experiment
+from raymeta.errors import ConfigError
+from raymeta.train import Trainer, TrainingDiverged
+
+
+def cfg(**sections):
+    return parse_experiment(tiny_experiment(**sections))
+
+
+def test_ce_learns_digits():
+    result = Trainer(cfg(train={"epochs": 6, "batch_size": 64})).fit()
+    accs = [c["test_acc"] for c in result.curves]
+    assert accs[-1] > 0.9 and accs[-1] > accs[0]
+    assert result.outcome["final_test_acc"] == accs[-1]
+    assert result.outcome["best_test_acc"] == max(accs)
+    assert len(result.curves) == 6 and [c["epoch"] for c in result.curves] == list(range(6))
+
+
+def test_noise_hurts_ce():
+    clean = Trainer(cfg(train={"epochs": 20, "batch_size": 64})).fit().outcome
+    noisy = Trainer(cfg(train={"epochs": 20, "batch_size": 64},
+                        noise={"type": "flip_to_one", "rate": 0.45})).fit().outcome
+    assert clean["final_test_acc"] > noisy["final_test_acc"] + 0.05
+    assert noisy["realized_noise_rate"] == pytest.approx(0.45, abs=0.01)
+
+
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
+    config = cfg(train={"epochs": 4}, noise={"type": "uniform", "rate": 0.3},
+                 dataset={"augment": "crop_flip"})  # augmentation draws random numbers too
+    straight = Trainer(config).fit()
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(metrics, trainer):
+        if metrics["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        Trainer(config, checkpoint_dir=tmp_path, on_epoch_end=stop_after_two).fit()
+    resumed = Trainer(config, checkpoint_dir=tmp_path, resume_from=tmp_path).fit()
+    assert len(resumed.curves) == 4
+    for a, b in zip(straight.curves, resumed.curves):
+        assert a["test_acc"] == b["test_acc"] and a["train_loss"] == b["train_loss"]
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    Trainer(cfg(train={"epochs": 1}), checkpoint_dir=tmp_path).fit()
+    with pytest.raises(ConfigError, match="written by another config"):
+        Trainer(cfg(train={"epochs": 1}, seed=5), resume_from=tmp_path)
+
+
+def test_diverging_loss_fails_with_its_reason():
+    with pytest.raises(TrainingDiverged, match="training loss is nan in epoch 0"):
+        Trainer(cfg(optimizer={"lr": 1e12})).fit()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_without_gpu_is_a_config_error():
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
+        Trainer(cfg(train={"device": "cuda"}))
+
+
+@pytest.mark.parametrize("model,dataset", [("lenet", "digits"), ("cnn8", "digits"),
+                                           ("mlp", "synthetic")])
+def test_models_and_datasets_train_end_to_end(model, dataset):
+    result = Trainer(cfg(model={"name": model, "options": {}}, dataset={"name": dataset},
+                         train={"epochs": 1})).fit()
+    assert 0.0 <= result.outcome["final_test_acc"] <= 1.0
