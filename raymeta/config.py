@@ -41,6 +41,9 @@ class DatasetConfig(_Config):
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     """share of samples held out as the test set for datasets without an official split
     (digits, synthetic); the split is fixed, independent of the seed"""
+    unlabeled_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """share of the training split whose labels are hidden (seeded); methods that can use
+    unlabeled data (metalabelnet) train on them, the others skip them"""
     image_size: int = Field(224, ge=8)
     """side of the decoded images for file-list datasets (clothing1m)"""
     synthetic_samples: int = Field(2000, ge=20)
@@ -140,9 +143,112 @@ class CEConfig(_Config):
     name: Literal["ce"] = "ce"
 
 
-METHOD_CONFIGS: dict[str, type[_Config]] = {"ce": CEConfig}
+class _MetaConfig(_Config):
+    """Settings every meta-learning method shares (the bilevel engine's knobs)."""
+
+    meta_interval: int = Field(1, ge=1)
+    """update the meta-model every k training steps (k > 1 amortises the meta step)"""
+    virtual_step: Literal["optimizer", "sgd"] = "optimizer"
+    """the virtual step: `optimizer` mirrors the real optimizer (momentum, Nesterov, weight
+    decay) so the meta loss is measured where training really goes; `sgd` is the papers' and
+    official code's plain theta - lr * grad"""
+    virtual_lr: float | None = Field(None, gt=0.0)
+    """learning rate of the virtual step (default: the classifier's current learning rate)"""
+    meta_lr: float = Field(1e-3, gt=0.0)
+    """learning rate of the meta-model"""
+
+
+class MWNetConfig(_MetaConfig):
+    """Meta-Weight-Net (Shu et al., NeurIPS 2019): a 1-hidden-layer net maps each sample's loss
+    to its weight."""
+
+    name: Literal["mwnet"] = "mwnet"
+    hidden: int = Field(100, ge=1)
+    """hidden units of the weighting net (1 -> hidden -> 1, sigmoid output)"""
+    weights: Literal["normalized", "mean"] = "normalized"
+    """normalized: loss = sum of weights/sum(weights) * losses (official PGC script);
+    mean: loss = mean of weights * losses (official MW-Net.py)"""
+    meta_optimizer: Literal["sgd", "adam"] = "sgd"
+    """sgd: momentum 0.9, Nesterov (PGC script); adam (MW-Net.py)"""
+    meta_weight_decay: float = Field(5e-4, ge=0.0)
+    """weight decay of the weighting net (official: 5e-4 with sgd, 1e-4 with adam)"""
+
+
+class L2RConfig(_MetaConfig):
+    """Learning to Reweight (Ren et al., ICML 2018): per-batch weights from the meta gradient
+    at zero perturbation, clamped at 0 and normalised; no persistent meta-model."""
+
+    name: Literal["l2r"] = "l2r"
+
+    @model_validator(mode="after")
+    def _no_interval(self) -> L2RConfig:
+        if self.meta_interval != 1:
+            raise ValueError("l2r has no meta-model to reuse between steps, so its weights are "
+                             "recomputed every step; set method.meta_interval to 1")
+        return self
+
+
+class MLCConfig(_MetaConfig):
+    """Meta Loss Correction (Wang et al., CVPR 2020): the noise transition matrix T is learned by
+    the meta gradient, clamped at 0 and normalised."""
+
+    name: Literal["mlc"] = "mlc"
+    meta_lr: float = Field(0.1, gt=0.0)
+    """learning rate of T (paper: 1e-2 for CIFAR with its tiny virtual lr; official code 0.11)"""
+    t_on_logits: bool = False
+    """official code: softmax(logits @ T); paper (default): softmax(logits) @ T"""
+    reset_t_each_step: bool = False
+    """official code: T restarts from the identity every step; paper (default): T persists"""
+    loss_reduction: Literal["mean", "sum"] = "mean"
+    """official code sums the corrected loss over the batch; the paper averages"""
+
+
+class MLNTConfig(_MetaConfig):
+    """MLNT (Li et al., CVPR 2019): meta-train on synthetic noisy labels so that the model after
+    a step on them still agrees with a mean teacher."""
+
+    name: Literal["mlnt"] = "mlnt"
+    num_fast: int = Field(10, ge=1)
+    """M, the number of synthetic label sets per step"""
+    perturb_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    """share of the batch relabelled in each synthetic set"""
+    neighbours: int = Field(10, ge=1)
+    """k: a relabelled sample takes the label of one of its k nearest neighbours in the batch"""
+    virtual_lr: float | None = Field(0.2, gt=0.0)
+    """the fast-weight step size a (CIFAR 0.2, Clothing1M 0.02)"""
+    meta_weight: float = Field(0.4, ge=0.0)
+    """weight of the consistency loss once ramped up (CIFAR: 0.4)"""
+    start_epoch: int = Field(2, ge=0)
+    """plain cross-entropy before this epoch"""
+    ramp_epochs: int = Field(20, ge=0)
+    """the meta weight ramps up as exp(-5(1-u)^2) over this many epochs after start_epoch"""
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
+    """teacher EMA decay after the ramp (0.99 during it)"""
+
+
+class MetaLabelNetConfig(_MetaConfig):
+    """MetaLabelNet (Algan & Ulusoy, TNNLS 2021): a single-layer net on frozen warm-up features
+    generates soft labels, trained through the virtual step."""
+
+    name: Literal["metalabelnet"] = "metalabelnet"
+    warmup_epochs: int = Field(44, ge=1)
+    """plain cross-entropy epochs; the feature encoder is frozen from the model at their end"""
+    virtual_lr: float | None = Field(1.0, gt=0.0)
+    """the official code's virtual step size is 1"""
+    meta_lr: float = Field(1e-2, gt=0.0)
+    """Adam learning rate of the label net (CIFAR 1e-2, Clothing1M/WebVision 1e-3)"""
+    meta_weight_decay: float = Field(1e-4, ge=0.0)
+    """weight decay of the label net"""
+    entropy_weight: float = Field(1.0, ge=0.0)
+    """weight of the prediction-entropy term of the actual loss"""
+
+
+METHOD_CONFIGS: dict[str, type[_Config]] = {
+    "ce": CEConfig, "mwnet": MWNetConfig, "l2r": L2RConfig, "mlc": MLCConfig,
+    "mlnt": MLNTConfig, "metalabelnet": MetaLabelNetConfig}
 """method name -> its config class; a new method registers here and in MethodConfig"""
-MethodConfig = Annotated[Union[CEConfig], Field(discriminator="name")]
+MethodConfig = Annotated[Union[CEConfig, MWNetConfig, L2RConfig, MLCConfig, MLNTConfig,
+                               MetaLabelNetConfig], Field(discriminator="name")]
 METHODS = tuple(METHOD_CONFIGS)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from raymeta.config import ExperimentConfig, MetaSetConfig
 from raymeta.data.datasets import ImageFiles, RawData, load_raw, read_label_file
-from raymeta.data.noise import NoisyLabels, clean_model_probs, make_noisy_labels
+from raymeta.data.noise import NoisyLabels, clean_model_probs, exact_count, make_noisy_labels
 from raymeta.errors import ConfigError, DataError
 
 AUGMENT_DEFAULTS = {"cifar10": "crop_flip", "cifar100": "crop_flip", "clothing1m": "flip"}
@@ -137,7 +137,11 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
             probs = clean_model_probs(np.asarray(train_x[keep]), clean, k, cfg.seed)
     noise = make_noisy_labels(clean, k, cfg.noise.type, cfg.noise.rate, noise_rng,
                               given=given, probs=probs, mapping=cfg.noise.mapping)
-    train = Split(train_x[keep], noise.labels, clean, keep)
+    given_labels = noise.labels.copy()
+    if cfg.dataset.unlabeled_fraction > 0:  # hidden labels are -1; methods skip or learn them
+        hidden = seeded_rng(cfg.seed, "unlabeled").permutation(len(keep))
+        given_labels[hidden[: exact_count(len(keep), cfg.dataset.unlabeled_fraction)]] = -1
+    train = Split(train_x[keep], given_labels, clean, keep)
     test = Split(test_x[test_keep], test_y[test_keep], test_y[test_keep], test_keep)
 
     if raw.mean is not None:

@@ -5,14 +5,21 @@ Knows nothing of Ray or storage.
 
 from __future__ import annotations
 
-from raymeta.methods.base import Engine, Method, StepOutput
-from raymeta.methods.ce import CrossEntropy
+from raymeta.methods.base import Method, MetaMethod, StepOutput
+from raymeta.methods.engine import Engine
+from raymeta.methods.l2r import L2R
+from raymeta.methods.metalabelnet import MetaLabelNet
+from raymeta.methods.mlc import MLC
+from raymeta.methods.mlnt import MLNT
+from raymeta.methods.mwnet import MWNet
 
-METHOD_CLASSES: dict[str, type[Method]] = {"ce": CrossEntropy}
+METHOD_CLASSES: dict[str, type[Method]] = {
+    "ce": Method, "mwnet": MWNet, "l2r": L2R, "mlc": MLC, "mlnt": MLNT,
+    "metalabelnet": MetaLabelNet}
 
 
-def build_method(cfg, num_classes: int) -> Method:
-    return METHOD_CLASSES[cfg.name](cfg, num_classes)
+def build_method(cfg, num_classes: int, model) -> Method:
+    return METHOD_CLASSES[cfg.name](cfg, num_classes, model)
 
 
-__all__ = ["Engine", "Method", "StepOutput", "build_method", "METHOD_CLASSES"]
+__all__ = ["Engine", "Method", "MetaMethod", "StepOutput", "build_method", "METHOD_CLASSES"]

@@ -1,19 +1,25 @@
-"""The method interface and the engine that runs its steps.
+"""The method interface. A method says what makes it different (its meta-model and losses);
+the engine (`raymeta.methods.engine`) owns the mechanics, written once for every method.
 
-A method says what makes it different (its meta-model and losses); the engine owns the
-mechanics (forward, backward, optimizer step; later the virtual step, meta gradient and
-cross-worker averaging), written once for every method.
+Labels of -1 mark unlabeled training samples (`dataset.unlabeled_fraction`): every loss here
+skips them, except methods that learn targets for them (MetaLabelNet).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from raymeta.data.loader import Batch
+from raymeta.methods.engine import Engine
+
+MetaBatchFn = Callable[[], Batch]
+"""returns a clean meta batch; called only on steps that update the meta-model"""
 
 
 @dataclass
@@ -23,24 +29,40 @@ class StepOutput:
     logits: torch.Tensor
     """logits of the training batch (detached), for training accuracy"""
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    """method diagnostics as scalar tensors, averaged over the epoch into `train/<name>`"""
+    """diagnostics: name -> tensor([sum, count]); the epoch value is sum(sums) / sum(counts)"""
 
 
-class Engine:
-    """Runs the steps of a method on one model with one optimizer."""
+def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per sample; 0 for unlabeled samples (label -1)."""
+    return F.cross_entropy(logits, labels.clamp_min(0), reduction="none") * (labels >= 0)
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
-        self.model = model
-        self.optimizer = optimizer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+def mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labeled samples."""
+    return per_sample_ce(logits, labels).sum() / (labels >= 0).sum().clamp_min(1)
 
-    def actual_step(self, loss: torch.Tensor) -> None:
-        """The real update of the classifier."""
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` that no gradient reaches (teachers, feature encoders)."""
+    copy_ = copy.deepcopy(model)
+    for p in copy_.parameters():
+        p.requires_grad_(False)
+    return copy_
+
+
+def masked_sum_count(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """tensor([sum of values where mask, number of such values]) for StepOutput.extras."""
+    mask = mask.to(values.dtype)
+    return torch.stack([(values.detach() * mask).sum(), mask.sum()])
+
+
+def clean_noisy_extras(prefix: str, values: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    """A per-sample quantity averaged separately over clean and noisy labels (known from the
+    synthetic noise; never used for training)."""
+    known = (batch.y >= 0) & (batch.y_clean >= 0)
+    clean = known & (batch.y == batch.y_clean)
+    return {f"{prefix}_clean": masked_sum_count(values, clean),
+            f"{prefix}_noisy": masked_sum_count(values, known & ~clean)}
 
 
 class Method:
@@ -48,24 +70,35 @@ class Method:
 
     name = "ce"
     uses_meta_batch = False
-    """whether `step` needs a clean meta batch"""
 
-    def __init__(self, cfg, num_classes: int):
+    def __init__(self, cfg, num_classes: int, model: nn.Module):
         self.cfg = cfg
         self.num_classes = num_classes
         self.meta_model: nn.Module | None = None
+        self.epoch = 0
+        self.generator: torch.Generator | None = None
+        """the method's own random draws (seeded by the trainer, kept in checkpoints)"""
 
     def train_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(logits, batch.y)
+        return mean_ce(logits, batch.y)
 
-    def meta_loss(self, logits: torch.Tensor, meta_batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(logits, meta_batch.y)
-
-    def step(self, engine: Engine, batch: Batch, meta_batch: Batch | None) -> StepOutput:
+    def step(self, engine: Engine, batch: Batch, meta_batch: MetaBatchFn) -> StepOutput:
         logits = engine.forward(batch.x)
         loss = self.train_loss(logits, batch)
         engine.actual_step(loss)
         return StepOutput(loss.detach(), logits.detach())
+
+    def on_epoch_start(self, epoch: int, engine: Engine) -> None:
+        self.epoch = epoch
+
+    def epoch_metrics(self, data) -> dict:
+        """Per-epoch facts about what the meta-model learned (for the curves)."""
+        return {}
+
+    def to(self, device: torch.device) -> Method:
+        if self.meta_model is not None:
+            self.meta_model.to(device)
+        return self
 
     def state_dict(self) -> dict:
         """Everything of the method's own that a checkpoint must keep."""
@@ -74,3 +107,49 @@ class Method:
     def load_state_dict(self, state: dict) -> None:
         if self.meta_model is not None:
             self.meta_model.load_state_dict(state["meta_model"])
+
+
+class MetaMethod(Method):
+    """A bilevel method: the engine calls these hooks in its three stages."""
+
+    uses_meta_batch = True
+    meta_optimizer: torch.optim.Optimizer | None = None
+
+    def meta_parameters(self, batch: Batch) -> list[torch.Tensor]:
+        """The tensors the meta gradient is taken with respect to."""
+        return list(self.meta_model.parameters())
+
+    def virtual_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The training loss of the virtual step, differentiable in the meta parameters."""
+        raise NotImplementedError
+
+    def meta_loss(self, logits: torch.Tensor, meta_batch: Batch) -> torch.Tensor:
+        """Loss on the clean meta batch after the virtual step."""
+        return F.cross_entropy(logits, meta_batch.y)
+
+    def apply_meta_gradient(self, grads: list[torch.Tensor]) -> None:
+        """Update the meta-model with its meta gradient (default: its optimizer)."""
+        for p, g in zip(self.meta_model.parameters(), grads):
+            p.grad = g
+        self.meta_optimizer.step()
+
+    def actual_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The real step's loss, with the updated meta-model (no gradient into it)."""
+        raise NotImplementedError
+
+    def step_extras(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return {}
+
+    def step(self, engine: Engine, batch: Batch, meta_batch: MetaBatchFn) -> StepOutput:
+        return engine.bilevel_step(self, batch, meta_batch)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.meta_optimizer is not None:
+            state["meta_optimizer"] = self.meta_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.meta_optimizer is not None:
+            self.meta_optimizer.load_state_dict(state["meta_optimizer"])

@@ -24,6 +24,7 @@ from raymeta.data.bundle import DataBundle, build_data, seeded_rng
 from raymeta.data.loader import DeviceSplit
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.methods import Engine, build_method
+from raymeta.methods.base import masked_sum_count
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
 
@@ -47,9 +48,10 @@ class _Generators:
     order: torch.Generator
     meta: torch.Generator
     augment: torch.Generator
+    method: torch.Generator
 
     def state(self) -> dict:
-        state = {k: getattr(self, k).get_state() for k in ("order", "meta", "augment")}
+        state = {k: getattr(self, k).get_state() for k in ("order", "meta", "augment", "method")}
         state["torch"] = torch.random.get_rng_state()  # dropout and other global draws
         return state
 
@@ -90,20 +92,21 @@ class Trainer:
         channels, size = self.data.input_shape[0], self.data.input_shape[-1]
         self.model = build_model(cfg.model.name, self.data.num_classes, channels, size,
                                  **cfg.model.options).to(self.device)
-        self.method = build_method(cfg.method, self.data.num_classes)
-        if self.method.meta_model is not None:
-            self.method.meta_model.to(self.device)
+        self.method = build_method(cfg.method, self.data.num_classes, self.model).to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.engine = Engine(self.model, self.optimizer)
         self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device)
                        for name in ("train", "meta", "test")}
-        seeds = seeded_rng(cfg.seed, "batches").integers(0, 2**62, size=3)
-        self.gens = _Generators(torch.Generator().manual_seed(int(seeds[0])),
-                                torch.Generator().manual_seed(int(seeds[1])),
-                                torch.Generator(self.device).manual_seed(int(seeds[2])))
+        seeds = [int(s) for s in seeded_rng(cfg.seed, "batches").integers(0, 2**62, size=4)]
+        self.gens = _Generators(torch.Generator().manual_seed(seeds[0]),
+                                torch.Generator().manual_seed(seeds[1]),
+                                torch.Generator(self.device).manual_seed(seeds[2]),
+                                torch.Generator().manual_seed(seeds[3]))
+        self.method.generator = self.gens.method
         self.epoch = 0
         self.curves: list[dict] = []
         self.train_seconds = 0.0
+        self.meta_seconds = 0.0
         self.steps = 0
         if resume_from is not None:
             self.load_checkpoint(resume_from)
@@ -127,35 +130,47 @@ class Trainer:
         lr = set_lr(self.optimizer, cfg.optimizer.lr,
                     lr_factor(cfg.schedule, self.epoch, cfg.train.epochs))
         self.model.train()
+        method.on_epoch_start(self.epoch, engine)
         train, meta = self.splits["train"], self.splits["meta"]
-        sums: dict[str, torch.Tensor] = {}
+
+        def meta_batch():
+            return meta.sample(cfg.train.meta_batch_size, self.gens.meta, self.data.augment,
+                               self.gens.augment)
+
+        sums: dict[str, torch.Tensor] = {}  # name -> [sum, count], on the device
         count = 0
         tic = time.perf_counter()
         for batch in train.batches(cfg.train.batch_size, shuffle=True,
                                    augment=self.data.augment, order_generator=self.gens.order,
                                    aug_generator=self.gens.augment,
                                    drop_last=len(train) > cfg.train.batch_size):
-            meta_batch = None
-            if method.uses_meta_batch:
-                meta_batch = meta.sample(cfg.train.meta_batch_size, self.gens.meta,
-                                         self.data.augment, self.gens.augment)
             out = method.step(engine, batch, meta_batch)
             pred = out.logits.argmax(1)
-            values = {"loss": out.loss.float(), "acc": (pred == batch.y).float().mean(),
-                      "acc_clean": (pred == batch.y_clean).float().mean(), **out.extras}
+            one = torch.ones((), device=self.device)
+            values = {"loss": torch.stack([out.loss.float(), one]),
+                      "acc": masked_sum_count((pred == batch.y).float(), batch.y >= 0),
+                      "acc_clean": masked_sum_count((pred == batch.y_clean).float(),
+                                                    batch.y_clean >= 0),
+                      **out.extras}
             for key, value in values.items():
-                sums[key] = sums[key] + value if key in sums else value.detach().clone()
+                value = value.detach().float()
+                sums[key] = sums[key] + value if key in sums else value
             count += 1
-        means = dict(zip(sums, (torch.stack(list(sums.values())) / max(count, 1)).tolist()))
-        seconds = time.perf_counter() - tic  # .tolist() above waited for the device
+        totals = torch.stack(list(sums.values())).tolist()  # the epoch's one wait for the device
+        means = {k: (t[0] / t[1] if t[1] else float("nan")) for k, t in zip(sums, totals)}
+        seconds = time.perf_counter() - tic
+        meta_seconds = engine.take_meta_seconds()
         self.train_seconds += seconds
+        self.meta_seconds += meta_seconds
         self.steps += count
         if not math.isfinite(means.get("loss", 0.0)):
             raise TrainingDiverged(f"training loss is {means['loss']} in epoch {self.epoch} "
                                    f"(method {method.name}); lower optimizer.lr or check the data")
         return {"epoch": self.epoch, "lr": lr, "epoch_seconds": seconds,
                 "ms_per_step": 1000.0 * seconds / max(count, 1),
-                **{f"train_{key}": value for key, value in means.items()}}
+                "meta_step_share": meta_seconds / seconds if seconds else 0.0,
+                **{f"train_{key}": value for key, value in means.items()},
+                **method.epoch_metrics(self.data)}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -191,7 +206,8 @@ class Trainer:
             "final_train_loss": float(self.curves[-1]["train_loss"]),
             "wall_seconds": wall_seconds, "train_seconds": self.train_seconds,
             "ms_per_step": 1000.0 * self.train_seconds / max(self.steps, 1),
-            "meta_step_share": 0.0, "peak_memory_mb": peak_mb,
+            "meta_step_share": self.meta_seconds / self.train_seconds if self.train_seconds else 0.0,
+            "peak_memory_mb": peak_mb,
             "device": str(self.device),
             "gpu_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "",
             **self.data.summary(),
@@ -201,7 +217,8 @@ class Trainer:
         return {"epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
                 "generators": self.gens.state(), "curves": self.curves,
-                "train_seconds": self.train_seconds, "steps": self.steps,
+                "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
+                "steps": self.steps,
                 "config_digest": self.cfg.digest(), "noisy_labels_sha": self.data.noise.sha}
 
     def save_checkpoint(self, folder: str | Path) -> Path:
@@ -231,3 +248,4 @@ class Trainer:
         self.gens.load(dict(state["generators"]))
         self.epoch, self.curves = state["epoch"], state["curves"]
         self.train_seconds, self.steps = state["train_seconds"], state["steps"]
+        self.meta_seconds = state["meta_seconds"]

@@ -1,0 +1,161 @@
+"""The bilevel engine: the virtual step, the meta gradient, and the actual step, written once.
+
+One training step of a meta method (`bilevel_step`):
+  1. forward the training batch through the real model (BatchNorm in train mode: this is the
+     step's one update of the running statistics); these logits serve the virtual *and* the
+     actual loss, so the step costs one training forward, not two;
+  2. virtual step: theta' = step(theta, grad of the virtual loss), built with create_graph so
+     theta' is a differentiable function of the meta parameters;
+  3. meta loss on a clean meta batch at theta' (a functional forward with *cloned* BN buffers:
+     meta forwards never change the model's running statistics), its gradient into the
+     meta parameters, and the method's meta update;
+  4. actual step: the real optimizer on the actual loss, computed with the updated meta-model.
+
+The virtual step mirrors the real optimizer (SGD with momentum/Nesterov/weight decay, or Adam)
+by default, so the meta loss is measured where training will really go; `virtual_step: sgd`
+gives the papers' plain theta - lr * grad.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+if TYPE_CHECKING:
+    from raymeta.data.loader import Batch
+    from raymeta.methods.base import MetaMethod, StepOutput
+
+
+class Engine:
+    """Runs the steps of a method on one model with its real optimizer."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.model = model
+        self.optimizer = optimizer
+        self.steps = 0
+        self.meta_seconds = 0.0
+        self._cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    # ---------------------------------------------------------------------- forwards
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def named_params(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def functional_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The model at `params`; BatchNorm uses batch statistics and updates only clones."""
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        return functional_call(self.model, {**params, **buffers}, (x,))
+
+    # ------------------------------------------------------------------ virtual step
+    def virtual_params(self, loss: torch.Tensor, lr: float | None = None, mode: str = "optimizer",
+                       create_graph: bool = True) -> dict[str, torch.Tensor]:
+        """theta' after one step on `loss`, differentiable w.r.t. whatever `loss` depends on."""
+        params = self.named_params()
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
+                                    allow_unused=True)
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] if lr is None else lr
+        new = {}
+        for (name, p), g in zip(params.items(), grads):
+            g = torch.zeros_like(p) if g is None else g
+            if mode == "sgd":
+                new[name] = p - lr * g
+            elif isinstance(self.optimizer, torch.optim.Adam):
+                new[name] = p - lr * _adam_direction(p, g, group, self.optimizer.state.get(p, {}))
+            else:
+                new[name] = p - lr * _sgd_direction(p, g, group, self.optimizer.state.get(p, {}))
+        return new
+
+    def meta_objective(self, method: MetaMethod, logits: torch.Tensor, batch: Batch,
+                       meta_batch: Batch) -> torch.Tensor:
+        """L_meta(theta'(phi)): the meta loss after the virtual step, differentiable in phi."""
+        cfg = method.cfg
+        theta = self.virtual_params(method.virtual_loss(logits, batch), cfg.virtual_lr,
+                                    cfg.virtual_step)
+        return method.meta_loss(self.functional_forward(theta, meta_batch.x), meta_batch)
+
+    # ------------------------------------------------------------------- full steps
+    def bilevel_step(self, method: MetaMethod, batch: Batch,
+                     meta_batch: Callable[[], Batch]) -> StepOutput:
+        from raymeta.methods.base import StepOutput
+
+        logits = self.forward(batch.x)
+        if self.steps % method.cfg.meta_interval == 0:
+            tic = self._tic()
+            meta_params = method.meta_parameters(batch)
+            meta_loss = self.meta_objective(method, logits, batch, meta_batch())
+            grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
+            method.apply_meta_gradient([torch.zeros_like(p) if g is None else g
+                                        for p, g in zip(meta_params, grads)])
+            self._toc(tic)
+        loss = method.actual_loss(logits, batch)
+        self.actual_step(loss)
+        return StepOutput(loss.detach(), logits.detach(), method.step_extras(batch))
+
+    def actual_step(self, loss: torch.Tensor) -> None:
+        """The real update of the classifier."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.apply_gradients()
+
+    def apply_gradients(self) -> None:
+        """Step the real optimizer on the gradients accumulated in .grad."""
+        self.optimizer.step()
+        self.steps += 1
+
+    # ------------------------------------------------------------------------ timing
+    def _tic(self):
+        if next(self.model.parameters()).is_cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            return start
+        return time.perf_counter()
+
+    def _toc(self, tic) -> None:
+        if isinstance(tic, float):
+            self.meta_seconds += time.perf_counter() - tic
+        else:  # read at the epoch's end, so no step waits for the GPU
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._cuda_events.append((tic, end))
+
+    def take_meta_seconds(self) -> float:
+        """Seconds spent in meta updates since the last call."""
+        if self._cuda_events:
+            torch.cuda.synchronize()
+            self.meta_seconds += sum(s.elapsed_time(e) for s, e in self._cuda_events) / 1000
+            self._cuda_events.clear()
+        seconds, self.meta_seconds = self.meta_seconds, 0.0
+        return seconds
+
+
+def _sgd_direction(p, g, group, state) -> torch.Tensor:
+    """What torch.optim.SGD subtracts (divided by lr) for gradient g, written differentiably."""
+    d = g + group["weight_decay"] * p if group["weight_decay"] else g
+    momentum = group["momentum"]
+    if momentum:
+        buf = state.get("momentum_buffer")
+        buf = d if buf is None else momentum * buf + (1 - group["dampening"]) * d
+        d = d + momentum * buf if group["nesterov"] else buf
+    return d
+
+
+def _adam_direction(p, g, group, state) -> torch.Tensor:
+    """What torch.optim.Adam subtracts (divided by lr) for gradient g, written differentiably."""
+    beta1, beta2 = group["betas"]
+    if group["weight_decay"]:
+        g = g + group["weight_decay"] * p
+    step = float(state["step"]) + 1 if "step" in state else 1.0
+    m = beta1 * state["exp_avg"] + (1 - beta1) * g if "exp_avg" in state else (1 - beta1) * g
+    v = (beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g if "exp_avg_sq" in state
+         else (1 - beta2) * g * g)
+    m_hat = m / (1 - beta1 ** step)
+    # the tiny constant keeps the derivative of sqrt finite where v == 0 (unused parameters)
+    v_hat = (v + 1e-30) / (1 - beta2 ** step)
+    return m_hat / (v_hat.sqrt() + group["eps"])

@@ -1,0 +1,106 @@
+"""MLNT: meta-learning on synthetic noisy labels with a mean teacher.
+
+Li, Wong, Zhao, Kankanhalli. "Learning to Learn from Noisy Labeled Data." CVPR 2019.
+
+No clean data is needed for training. Each step builds M synthetic label sets (a share of the
+batch takes the label of a random one of its nearest neighbours in feature space), takes a
+fast-weight step on each, and asks the fast model to still agree with a mean teacher (KL).
+As in the official code, that consistency loss and the cross-entropy are summed into one
+step of the real optimizer. The meta weight ramps up as exp(-5(1-u)^2).
+
+Neighbours are found with the teacher's penultimate features (the official code uses a
+separate network pre-trained with cross-entropy, which raymeta does not assume exists).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from raymeta.methods.base import MetaMethod, StepOutput, frozen_copy, masked_sum_count, mean_ce
+
+
+class MLNT(MetaMethod):
+    name = "mlnt"
+
+    def __init__(self, cfg, num_classes, model):
+        super().__init__(cfg, num_classes, model)
+        self.model = model
+        self.teacher = None
+
+    def meta_weight(self) -> float:
+        """0 before start_epoch, then ramped up to cfg.meta_weight."""
+        done = self.epoch - self.cfg.start_epoch
+        if done < 0:
+            return 0.0
+        u = min(done / self.cfg.ramp_epochs, 1.0) if self.cfg.ramp_epochs else 1.0
+        return self.cfg.meta_weight * math.exp(-5.0 * (1.0 - u) ** 2)
+
+    @torch.no_grad()
+    def update_teacher(self) -> None:
+        if self.teacher is None:
+            self.teacher = frozen_copy(self.model)
+            return
+        ramping = self.epoch - self.cfg.start_epoch < self.cfg.ramp_epochs
+        decay = 0.99 if ramping else self.cfg.ema_decay
+        for t, s in zip(self.teacher.parameters(), self.model.parameters()):
+            t.lerp_(s, 1.0 - decay)
+        for t, s in zip(self.teacher.buffers(), self.model.buffers()):
+            t.copy_(s)
+
+    def synthetic_labels(self, labels: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
+        """Relabel a random share of the batch with the label of a random near neighbour."""
+        n = len(labels)
+        chosen = torch.randperm(n, generator=self.generator)[: int(n * self.cfg.perturb_ratio)]
+        pick = torch.randint(0, neighbours.shape[1], (len(chosen),), generator=self.generator)
+        chosen, pick = chosen.to(labels.device), pick.to(labels.device)
+        synthetic = labels.clone()
+        synthetic[chosen] = labels[neighbours[chosen, pick]]
+        return synthetic
+
+    def consistency(self, engine, logits, batch, synthetic, teacher_probs) -> torch.Tensor:
+        """KL(teacher || model after a fast step on the synthetic labels), per sample."""
+        fast = engine.virtual_params(mean_ce(logits, synthetic), self.cfg.virtual_lr,
+                                     self.cfg.virtual_step)
+        log_fast = F.log_softmax(engine.functional_forward(fast, batch.x), dim=1)
+        return F.kl_div(log_fast, teacher_probs, reduction="batchmean")
+
+    def step(self, engine, batch, meta_batch) -> StepOutput:
+        logits = engine.forward(batch.x)
+        loss = self.train_loss(logits, batch)
+        weight = self.meta_weight()
+        due = engine.steps % self.cfg.meta_interval == 0
+        if weight == 0.0 or not due:
+            engine.actual_step(loss)
+            return StepOutput(loss.detach(), logits.detach())
+        tic = engine._tic()
+        self.update_teacher()
+        self.teacher.train(self.model.training)
+        with torch.no_grad():
+            features = self.teacher.features(batch.x)
+            teacher_probs = F.softmax(self.teacher.classifier(features), dim=1)
+            k = min(self.cfg.neighbours, len(features) - 1)
+            neighbours = torch.cdist(features, features).topk(k + 1, largest=False).indices[:, 1:]
+        engine.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=logits.device)
+        for _ in range(self.cfg.num_fast):  # one graph at a time: backward each, keep the forward
+            meta = weight * self.consistency(engine, logits, batch,
+                                             self.synthetic_labels(batch.y, neighbours),
+                                             teacher_probs) / self.cfg.num_fast
+            meta.backward(retain_graph=True)
+            total += meta.detach()
+        engine._toc(tic)
+        loss.backward()
+        engine.apply_gradients()
+        return StepOutput(loss.detach(), logits.detach(),
+                          {"consistency": masked_sum_count(total, torch.ones((), device=total.device))})
+
+    def state_dict(self):
+        return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
+
+    def load_state_dict(self, state):
+        if state["teacher"] is not None:
+            self.teacher = frozen_copy(self.model)
+            self.teacher.load_state_dict(state["teacher"])

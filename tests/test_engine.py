@@ -1,0 +1,159 @@
+"""The bilevel engine: the virtual step equals the real optimizer's step, and every method's
+meta gradient equals central finite differences of its meta loss (float64, tiny model)."""
+
+import pytest
+import torch
+
+from raymeta.config import parse_experiment
+from raymeta.data.loader import Batch
+from raymeta.methods import Engine, build_method
+from raymeta.models import build_model
+
+K, D = 3, 4
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model("mlp", K, D, 1, hidden=[5]).double()
+
+
+def batch(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, D, 1, 1, generator=g, dtype=torch.float64)
+    y_clean = torch.randint(0, K, (n,), generator=g)
+    y = torch.where(torch.rand(n, generator=g) < 0.3, (y_clean + 1) % K, y_clean)
+    return Batch(x, y, y_clean, torch.arange(n))
+
+
+@pytest.mark.parametrize("opt", [
+    {"name": "sgd", "momentum": 0.0, "weight_decay": 0.0},
+    {"name": "sgd", "momentum": 0.9, "weight_decay": 1e-3},
+    {"name": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+    {"name": "adam", "lr": 0.01, "weight_decay": 1e-4},
+])
+def test_virtual_step_equals_the_real_optimizer_step(opt):
+    from raymeta.methods.optim import build_optimizer
+
+    cfg = parse_experiment({"optimizer": {"lr": 0.1, **opt}})
+    model = tiny_model()
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    engine = Engine(model, optimizer)
+    for step in range(5):
+        b = batch(8, step)
+        loss = torch.nn.functional.cross_entropy(model(b.x), b.y)
+        virtual = {k: v.detach() for k, v in engine.virtual_params(loss, create_graph=False).items()}
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(b.x), b.y).backward()
+        optimizer.step()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(virtual[name], p.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_plain_sgd_virtual_step():
+    model = tiny_model()
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9))
+    b = batch(8, 0)
+    loss = torch.nn.functional.cross_entropy(model(b.x), b.y)
+    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    virtual = engine.virtual_params(loss, lr=0.5, mode="sgd", create_graph=False)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(virtual[name], p - 0.5 * g)
+
+
+METHODS = [
+    {"name": "mwnet"}, {"name": "mwnet", "weights": "mean", "meta_optimizer": "adam"},
+    {"name": "mwnet", "virtual_step": "sgd"},
+    {"name": "l2r"},
+    {"name": "mlc"}, {"name": "mlc", "t_on_logits": True, "loss_reduction": "sum"},
+    {"name": "metalabelnet", "warmup_epochs": 1},
+]
+
+
+def setup(method_cfg):
+    cfg = parse_experiment({"method": method_cfg, "optimizer": {"lr": 0.5, "momentum": 0.9,
+                                                                "weight_decay": 1e-3}})
+    model = tiny_model()
+    method = build_method(cfg.method, K, model)
+    if method.meta_model is not None:
+        method.meta_model.double()
+        with torch.no_grad():  # move off the initial identity/zero point, into a generic one
+            for p in method.meta_model.parameters():
+                p.add_(0.1 * torch.randn_like(p)) if p.dim() > 1 else p.add_(0.05)
+    from raymeta.methods.optim import build_optimizer
+
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    engine = Engine(model, optimizer)
+    warm = batch(8, 99)  # one real step, so the momentum buffers are not empty
+    engine.actual_step(torch.nn.functional.cross_entropy(model(warm.x), warm.y))
+    method.on_epoch_start(1, engine)
+    return method, engine
+
+
+@pytest.mark.parametrize("method_cfg", METHODS, ids=lambda m: "-".join(map(str, m.values())))
+def test_meta_gradient_matches_finite_differences(method_cfg):
+    method, engine = setup(method_cfg)
+    train, meta = batch(8, 1), batch(6, 2)
+    meta_params = method.meta_parameters(train)
+
+    def meta_loss():
+        return engine.meta_objective(method, engine.forward(train.x), train, meta)
+
+    analytic = torch.autograd.grad(meta_loss(), meta_params)
+    h = 1e-6
+    for p, a in zip(meta_params, analytic):
+        flat = p.data.view(-1)
+        numeric = torch.zeros_like(flat)
+        for i in range(flat.numel()):
+            saved = flat[i].item()
+            flat[i] = saved + h
+            plus = meta_loss().item()
+            flat[i] = saved - h
+            minus = meta_loss().item()
+            flat[i] = saved
+            numeric[i] = (plus - minus) / (2 * h)
+        error = (a.view(-1) - numeric).norm() / numeric.norm().clamp_min(1e-12)
+        assert numeric.norm() > 1e-8, "the meta loss does not depend on this meta parameter"
+        assert error < 1e-4, f"relative error {error:.2e}"
+
+
+def test_mlnt_fast_weight_gradient_matches_finite_differences():
+    cfg = parse_experiment({"method": {"name": "mlnt", "start_epoch": 0, "ramp_epochs": 0},
+                            "optimizer": {"lr": 0.5, "momentum": 0.9}})
+    model = tiny_model()
+    method = build_method(cfg.method, K, model)
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    train = batch(8, 3)
+    synthetic = torch.roll(train.y, 1)
+    teacher = torch.softmax(torch.randn(8, K, dtype=torch.float64,
+                                        generator=torch.Generator().manual_seed(4)), dim=1)
+
+    def consistency():
+        return method.consistency(engine, engine.forward(train.x), train, synthetic, teacher)
+
+    params = list(model.parameters())
+    analytic = torch.autograd.grad(consistency(), params)
+    h = 1e-6
+    for p, a in zip(params, analytic):
+        flat = p.data.view(-1)
+        for i in range(0, flat.numel(), 3):  # every third entry of every tensor
+            saved = flat[i].item()
+            flat[i] = saved + h
+            plus = consistency().item()
+            flat[i] = saved - h
+            minus = consistency().item()
+            flat[i] = saved
+            numeric = (plus - minus) / (2 * h)
+            assert abs(a.view(-1)[i].item() - numeric) <= 1e-6 + 1e-4 * abs(numeric)
+
+
+def test_meta_forwards_leave_batchnorm_statistics_alone():
+    model = build_model("cnn8", K, 3, 8)
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(4, 3, 8, 8)
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    params = engine.virtual_params(model(x).sum(), create_graph=True)
+    after_real_forward = {n: b.clone() for n, b in model.named_buffers()}
+    engine.functional_forward(params, torch.randn(4, 3, 8, 8))
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, after_real_forward[name]), name
+    assert any(not torch.equal(before[n], after_real_forward[n]) for n in before)
