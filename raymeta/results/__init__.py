@@ -1,0 +1,1 @@
+"""Results: the Parquet store (trials/ and curves/, partitioned by sweep) and polars queries."""

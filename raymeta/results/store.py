@@ -1,0 +1,77 @@
+"""The results store: one Parquet file per trial under trials/ and curves/, partitioned by sweep.
+
+    <store>/trials/sweep=<name>/<trial_id>.parquet   one row: config, outcomes, costs, provenance
+    <store>/curves/sweep=<name>/<trial_id>.parquet   one row per epoch
+
+A file is keyed by its trial id, so a retried trial replaces its rows and never duplicates
+them. Local files are written to a temporary name and renamed (atomic on POSIX); object stores
+(s3://, gs://) make an object visible only once its upload completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TABLES = ("trials", "curves")
+
+
+def resolve_store(store: str | os.PathLike) -> str:
+    """A URI stays as it is; a local path becomes absolute (Ray needs absolute paths)."""
+    text = str(store)
+    if "://" in text:
+        return text
+    return str(Path(text).expanduser().resolve())
+
+
+def filesystem(store: str) -> tuple[pafs.FileSystem, str]:
+    """pyarrow filesystem and base path for a store (local path or URI)."""
+    store = resolve_store(store)
+    if "://" not in store:
+        return pafs.LocalFileSystem(), store
+    return pafs.FileSystem.from_uri(store)
+
+
+def table_dir(store: str, table: str, sweep: str) -> str:
+    _, base = filesystem(store)
+    return f"{base.rstrip('/')}/{table}/sweep={sweep}"
+
+
+def _scalar(value: Any) -> Any:
+    """Lists and dicts become JSON text, so every trial file has a flat, stable schema."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def write_rows(store: str, table: str, sweep: str, trial_id: str, rows: list[dict]) -> str:
+    """Write the rows of one trial for one table; replaces a previous file of that trial."""
+    fs, _ = filesystem(store)
+    folder = table_dir(store, table, sweep)
+    fs.create_dir(folder, recursive=True)
+    final = f"{folder}/{trial_id}.parquet"
+    data = pa.Table.from_pylist([{k: _scalar(v) for k, v in row.items()} for row in rows])
+    if isinstance(fs, pafs.LocalFileSystem):
+        # the temporary name does not end in .parquet, so no query ever reads a partial file
+        tmp = f"{folder}/.{trial_id}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(data, tmp)
+        os.replace(tmp, final)
+    else:
+        with fs.open_output_stream(final) as out:
+            pq.write_table(data, out)
+    return final
+
+
+def write_trial(store: str, sweep: str, trial_id: str, row: dict, curves: list[dict]) -> None:
+    """Curves first, then the trial row: a trial row always has its curves."""
+    tagged = [{"trial_id": trial_id, **c} for c in curves]
+    if tagged:
+        write_rows(store, "curves", sweep, trial_id, tagged)
+    write_rows(store, "trials", sweep, trial_id, [{"trial_id": trial_id, **row}])
