@@ -30,7 +30,7 @@ meta_set: {per_class: 5}
 
 def test_validate_shipped_sweeps(tmp_path):
     proc = raymeta("validate", *map(str, sorted(ROOT.glob("sweeps/*.yaml"))), cwd=tmp_path)
-    assert "quickstart.yaml: ok, sweep with 6 trials" in proc.stdout
+    assert "quickstart.yaml: ok, sweep with 36 trials" in proc.stdout
 
 
 def test_bad_input_exits_2_with_the_reason(tmp_path):

@@ -30,8 +30,17 @@ def test_noise_hurts_ce():
     assert noisy["realized_noise_rate"] == pytest.approx(0.45, abs=0.01)
 
 
-def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path):
-    config = cfg(train={"epochs": 4}, noise={"type": "uniform", "rate": 0.3},
+METHODS = [{"name": "ce"}, {"name": "mwnet"}, {"name": "l2r"}, {"name": "mlc"},
+           {"name": "metalabelnet", "warmup_epochs": 1},
+           {"name": "mlnt", "start_epoch": 1, "ramp_epochs": 2, "num_fast": 2},
+           {"name": "mwnet", "meta_interval": 4, "meta_optimizer": "adam"}]
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m["name"])
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, method):
+    """Every method's state (meta-model, its optimizer, teacher, encoder, random streams)
+    survives a checkpoint: stopping after 2 epochs and resuming gives the same run."""
+    config = cfg(train={"epochs": 4}, noise={"type": "uniform", "rate": 0.3}, method=method,
                  dataset={"augment": "crop_flip"})  # augmentation draws random numbers too
     straight = Trainer(config).fit()
 

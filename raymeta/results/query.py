@@ -84,6 +84,8 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method.name",),
     table = (cells.with_columns(label, text.alias("cell"))
              .pivot(on="setting", index=list(by), values="cell")
              .sort(list(by)))
+    if "method.name" in by:  # the baseline first, as in the papers
+        table = table.sort(pl.col("method.name") != "ce", maintain_order=True)
     return table.select([*by, *order])
 
 

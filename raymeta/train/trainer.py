@@ -218,7 +218,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
                 "generators": self.gens.state(), "curves": self.curves,
                 "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
-                "steps": self.steps,
+                "steps": self.steps, "engine_steps": self.engine.steps,
                 "config_digest": self.cfg.digest(), "noisy_labels_sha": self.data.noise.sha}
 
     def save_checkpoint(self, folder: str | Path) -> Path:
@@ -248,4 +248,4 @@ class Trainer:
         self.gens.load(dict(state["generators"]))
         self.epoch, self.curves = state["epoch"], state["curves"]
         self.train_seconds, self.steps = state["train_seconds"], state["steps"]
-        self.meta_seconds = state["meta_seconds"]
+        self.meta_seconds, self.engine.steps = state["meta_seconds"], state["engine_steps"]
