@@ -147,7 +147,7 @@ _store_option = click.option("--store", default="results", show_default=True,
 @results.command()
 @click.option("--sweep", "sweep_name", default=None, help="sweep name (default: all sweeps)")
 @_store_option
-@click.option("--by", default="method.name", show_default=True,
+@click.option("--by", default="method", show_default=True,
               help="row keys, comma-separated results columns")
 @click.option("--columns", default="noise.type,noise.rate", show_default=True,
               help="column keys, comma-separated")

@@ -156,6 +156,9 @@ class _MetaConfig(_Config):
     """learning rate of the virtual step (default: the classifier's current learning rate)"""
     meta_lr: float = Field(1e-3, gt=0.0)
     """learning rate of the meta-model"""
+    famus: bool = False
+    """FaMUS: back-propagate the meta gradient only through a learned, sampled subset of
+    parameter tensors (settings in the top-level `famus` section)"""
 
 
 class MWNetConfig(_MetaConfig):
@@ -225,6 +228,14 @@ class MLNTConfig(_MetaConfig):
     ema_decay: float = Field(0.999, gt=0.0, lt=1.0)
     """teacher EMA decay after the ramp (0.99 during it)"""
 
+    @model_validator(mode="after")
+    def _no_famus(self) -> MLNTConfig:
+        if self.famus:
+            raise ValueError("famus does not apply to mlnt: its meta gradient flows into the "
+                             "classifier itself, not into a meta-model (see docs/methods.md); "
+                             "use mwnet, l2r, mlc or metalabelnet")
+        return self
+
 
 class MetaLabelNetConfig(_MetaConfig):
     """MetaLabelNet (Algan & Ulusoy, TNNLS 2021): a single-layer net on frozen warm-up features
@@ -250,6 +261,35 @@ METHOD_CONFIGS: dict[str, type[_Config]] = {
 MethodConfig = Annotated[Union[CEConfig, MWNetConfig, L2RConfig, MLCConfig, MLNTConfig,
                                MetaLabelNetConfig], Field(discriminator="name")]
 METHODS = tuple(METHOD_CONFIGS)
+
+
+class FamusConfig(_Config):
+    """FaMUS (Xu et al., CVPR 2021): per-parameter-tensor gradient samplers choose which
+    tensors keep their second-order path in the virtual step."""
+
+    k: int = Field(4, ge=0)
+    """expected number of active tensors (the count loss pulls the sum of gates toward k)"""
+    lambda_count: float = Field(0.1, ge=0.0)
+    """weight of the count loss (sum of gates - k)^2"""
+    lambda_grad: float = Field(0.1, ge=0.0)
+    """weight of the gradient-distance loss on the classifier layer"""
+    sampler_lr: float = Field(0.1, gt=0.0)
+    """SGD learning rate of the samplers (momentum 0.9, Nesterov)"""
+    hidden: int = Field(128, ge=1)
+    """hidden units of each sampler (D -> hidden -> hidden -> 2, PReLU)"""
+    temperature: float = Field(5.0, gt=0.0)
+    """Gumbel-softmax temperature"""
+    candidates: int | None = Field(None, ge=1)
+    """gate only the last N parameter tensors, in model order (the released code's window);
+    tensors below are always off; default: every tensor, as in the paper"""
+    classifier_always_on: bool = False
+    """keep the classifier's tensors always on (the released code)"""
+    detach_at: str | None = None
+    """name of a module whose output the meta forward detaches (the released code's truncation,
+    e.g. blocks.5); nothing below it is back-propagated in the meta step"""
+    cosine_every: int = Field(50, ge=0)
+    """every N meta steps, measure the cosine similarity between the FaMUS meta gradient and
+    the full one on the same batch (0: never)"""
 
 
 # ---------------------------------------------------------------------------- train/run
@@ -288,6 +328,7 @@ class ExperimentConfig(_Config):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    famus: FamusConfig = Field(default_factory=FamusConfig)
     seed: int = Field(0, ge=0)
     """fixes the noisy labels, the meta split, the initialisation and the batch order"""
 

@@ -53,18 +53,26 @@ def test_rewriting_a_trial_replaces_its_rows(tmp_path):
 def test_summary_is_mean_std_n_in_percent(tmp_path):
     fill(str(tmp_path))
     table = query.summary(query.load(str(tmp_path), "trials", "s"))
-    assert table.columns == ["method.name", "clean", "uniform 0.4"]
-    cells = {r["method.name"]: r for r in table.iter_rows(named=True)}
+    assert table.columns == ["method", "clean", "uniform 0.4"]
+    cells = {r["method"]: r for r in table.iter_rows(named=True)}
     std = 100 * math.sqrt(((0.80 - 0.75) ** 2 + (0.70 - 0.75) ** 2) / 1)
     assert cells["ce"]["uniform 0.4"] == f"75.00 ± {std:.2f} (2)" == "75.00 ± 7.07 (2)"
     assert cells["mwnet"]["uniform 0.4"] == "88.00 ± 2.00 (3)"
     assert cells["ce"]["clean"] == "97.00 ± 1.41 (2)"
     assert cells["mwnet"]["clean"] is None
     peak = query.summary(query.load(str(tmp_path), "trials", "s"), metric="peak")
-    assert {r["method.name"]: r for r in peak.iter_rows(named=True)}["mwnet"]["uniform 0.4"] == "89.00 ± 2.00 (3)"
+    assert {r["method"]: r for r in peak.iter_rows(named=True)}["mwnet"]["uniform 0.4"] == "89.00 ± 2.00 (3)"
     text = query.render(table)
     assert "mwnet" in text and "88.00 ± 2.00 (3)" in text
-    assert query.render(table, "markdown").startswith("| method.name | clean | uniform 0.4 |")
+    assert query.render(table, "markdown").startswith("| method | clean | uniform 0.4 |")
+
+
+def test_famus_rows_get_a_suffix(tmp_path):
+    store = str(tmp_path)
+    fill(store)
+    write_trial(store, "s", "mwnet-famus", {**row("mwnet", "uniform", 0.4, 0, 0.9), "method.famus": True}, [])
+    methods = query.summary(query.load(store, "trials", "s"))["method"].to_list()
+    assert methods == ["ce", "mwnet", "mwnet+famus"]
 
 
 def test_failed_trials_are_left_out_of_the_summary(tmp_path):
@@ -72,7 +80,7 @@ def test_failed_trials_are_left_out_of_the_summary(tmp_path):
     fill(store)
     write_trial(store, "s", "ce-uniform-9", row("ce", "uniform", 0.4, 9, float("nan"), "failed"), [])
     table = query.summary(query.load(store, "trials", "s"))
-    assert {r["method.name"]: r for r in table.iter_rows(named=True)}["ce"]["uniform 0.4"].endswith("(2)")
+    assert {r["method"]: r for r in table.iter_rows(named=True)}["ce"]["uniform 0.4"].endswith("(2)")
 
 
 def test_damaged_file_is_reported_and_the_rest_read(tmp_path, capsys):

@@ -48,7 +48,7 @@ def test_sweep_writes_rows_curves_and_failures(ray_session, tmp_path):
     assert all(epochs == [0, 1, 2] for epochs in per_trial["epoch"].to_list())
 
     table = query.summary(trials)
-    assert table.columns == ["method.name", "clean", "uniform 0.4"]
+    assert table.columns == ["method", "clean", "uniform 0.4"]
     assert table["clean"].item().endswith("(2)") and table["uniform 0.4"].item().endswith("(2)")
 
     # Tune saw every epoch of every healthy trial (its own result files)

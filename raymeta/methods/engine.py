@@ -22,6 +22,7 @@ import time
 from typing import TYPE_CHECKING, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -38,6 +39,8 @@ class Engine:
         self.optimizer = optimizer
         self.steps = 0
         self.meta_seconds = 0.0
+        self.famus = None
+        """a raymeta.methods.famus.Famus when the method runs with famus: true"""
         self._cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     # ---------------------------------------------------------------------- forwards
@@ -53,17 +56,22 @@ class Engine:
         return functional_call(self.model, {**params, **buffers}, (x,))
 
     # ------------------------------------------------------------------ virtual step
-    def virtual_params(self, loss: torch.Tensor, lr: float | None = None, mode: str = "optimizer",
-                       create_graph: bool = True) -> dict[str, torch.Tensor]:
-        """theta' after one step on `loss`, differentiable w.r.t. whatever `loss` depends on."""
+    def gradients(self, loss: torch.Tensor, create_graph: bool = True) -> dict[str, torch.Tensor]:
+        """Gradients of `loss` w.r.t. every trainable parameter (zeros where unused)."""
         params = self.named_params()
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                     allow_unused=True)
+        return {n: torch.zeros_like(p) if g is None else g
+                for (n, p), g in zip(params.items(), grads)}
+
+    def step_params(self, grads: dict[str, torch.Tensor], lr: float | None = None,
+                    mode: str = "optimizer") -> dict[str, torch.Tensor]:
+        """theta' = theta - lr * direction(grads), the real optimizer's step written functionally."""
         group = self.optimizer.param_groups[0]
         lr = group["lr"] if lr is None else lr
         new = {}
-        for (name, p), g in zip(params.items(), grads):
-            g = torch.zeros_like(p) if g is None else g
+        for name, p in self.named_params().items():
+            g = grads[name]
             if mode == "sgd":
                 new[name] = p - lr * g
             elif isinstance(self.optimizer, torch.optim.Adam):
@@ -72,6 +80,11 @@ class Engine:
                 new[name] = p - lr * _sgd_direction(p, g, group, self.optimizer.state.get(p, {}))
         return new
 
+    def virtual_params(self, loss: torch.Tensor, lr: float | None = None, mode: str = "optimizer",
+                       create_graph: bool = True) -> dict[str, torch.Tensor]:
+        """theta' after one step on `loss`, differentiable w.r.t. whatever `loss` depends on."""
+        return self.step_params(self.gradients(loss, create_graph), lr, mode)
+
     def meta_objective(self, method: MetaMethod, logits: torch.Tensor, batch: Batch,
                        meta_batch: Batch) -> torch.Tensor:
         """L_meta(theta'(phi)): the meta loss after the virtual step, differentiable in phi."""
@@ -79,6 +92,18 @@ class Engine:
         theta = self.virtual_params(method.virtual_loss(logits, batch), cfg.virtual_lr,
                                     cfg.virtual_step)
         return method.meta_loss(self.functional_forward(theta, meta_batch.x), meta_batch)
+
+    def famus_objective(self, method: MetaMethod, logits: torch.Tensor, batch: Batch,
+                        meta_batch: Batch):
+        """FaMUS: the meta loss through the gated virtual step, and the samplers' extra loss."""
+        cfg = method.cfg
+        grads = self.gradients(method.virtual_loss(logits, batch))
+        gated, gates = self.famus.gate_gradients(grads)
+        theta = self.step_params(gated, cfg.virtual_lr, cfg.virtual_step)
+        with self.famus.truncating():
+            meta_loss = method.meta_loss(self.functional_forward(theta, meta_batch.x), meta_batch)
+        val_grad, = torch.autograd.grad(meta_loss, theta["classifier.weight"], retain_graph=True)
+        return meta_loss, self.famus.extra_loss(gates, grads["classifier.weight"], val_grad)
 
     # ------------------------------------------------------------------- full steps
     def bilevel_step(self, method: MetaMethod, batch: Batch,
@@ -89,14 +114,33 @@ class Engine:
         if self.steps % method.cfg.meta_interval == 0:
             tic = self._tic()
             meta_params = method.meta_parameters(batch)
-            meta_loss = self.meta_objective(method, logits, batch, meta_batch())
-            grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
+            if self.famus is None:
+                meta_loss = self.meta_objective(method, logits, batch, meta_batch())
+                grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
+            else:
+                grads = self._famus_meta_gradient(method, logits, batch, meta_batch(), meta_params)
             method.apply_meta_gradient([torch.zeros_like(p) if g is None else g
                                         for p, g in zip(meta_params, grads)])
             self._toc(tic)
         loss = method.actual_loss(logits, batch)
         self.actual_step(loss)
         return StepOutput(loss.detach(), logits.detach(), method.step_extras(batch))
+
+    def _famus_meta_gradient(self, method, logits, batch, meta_batch, meta_params):
+        """Meta gradient through the gated step; steps the samplers on the way."""
+        famus = self.famus
+        meta_loss, extra = self.famus_objective(method, logits, batch, meta_batch)
+        every = famus.cfg.cosine_every
+        if every and (famus.total_steps - 1) % every == 0:  # diagnostic: compare with the full one
+            gated = torch.autograd.grad(meta_loss, meta_params, retain_graph=True, allow_unused=True)
+            full = torch.autograd.grad(self.meta_objective(method, logits, batch, meta_batch),
+                                       meta_params, retain_graph=True, allow_unused=True)
+            flat = [torch.cat([g.reshape(-1) for g in gs if g is not None]) for gs in (gated, full)]
+            famus.cosines.append(F.cosine_similarity(flat[0], flat[1], dim=0).item())
+        samplers = list(famus.parameters())
+        grads = torch.autograd.grad(meta_loss + extra, meta_params + samplers, allow_unused=True)
+        famus.step(grads[len(meta_params):])
+        return grads[: len(meta_params)]
 
     def actual_step(self, loss: torch.Tensor) -> None:
         """The real update of the classifier."""

@@ -16,13 +16,15 @@ def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
 
 
 class PreActBlock(nn.Module):
-    """Pre-activation basic block: BN-ReLU-conv-BN-ReLU-conv plus shortcut."""
+    """Pre-activation basic block (also the Wide ResNet block): BN-ReLU-conv3x3-BN-ReLU-
+    [dropout]-conv3x3, plus an identity or 1x1-conv shortcut on the pre-activated input."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in)
         self.conv1 = _conv3x3(c_in, c_out, stride)
         self.bn2 = nn.BatchNorm2d(c_out)
+        self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(c_out, c_out)
         self.shortcut = None
         if stride != 1 or c_in != c_out:
@@ -31,7 +33,7 @@ class PreActBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         a = F.relu(self.bn1(x))
         skip = x if self.shortcut is None else self.shortcut(a)
-        out = self.conv2(F.relu(self.bn2(self.conv1(a))))
+        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(a)))))
         return out + skip
 
 
@@ -55,27 +57,6 @@ class PreActResNet18(Backbone):
     def features(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn(self.blocks(self.stem(x))))
         return torch.flatten(F.adaptive_avg_pool2d(out, 1), 1)
-
-
-class WideBlock(nn.Module):
-    """Wide ResNet block: BN-ReLU-conv3x3-BN-ReLU-dropout-conv3x3 plus shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.conv1 = _conv3x3(c_in, c_out, stride)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = _conv3x3(c_out, c_out)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a = F.relu(self.bn1(x))
-        skip = x if self.shortcut is None else self.shortcut(a)
-        out = self.conv2(self.dropout(F.relu(self.bn2(self.conv1(a)))))
-        return out + skip
 
 
 class WideResNet(Backbone):
@@ -108,7 +89,7 @@ class WideResNet(Backbone):
         c_in = 16
         for c_out, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
             for i in range(n):
-                blocks.append(WideBlock(c_in, c_out, stride if i == 0 else 1, float(dropout)))
+                blocks.append(PreActBlock(c_in, c_out, stride if i == 0 else 1, float(dropout)))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(c_in)

@@ -44,7 +44,8 @@ def provenance() -> dict:
 def trial_id_for(cfg: ExperimentConfig) -> str:
     """Readable and stable: the same config always gets the same id (so retries replace rows)."""
     noise = "clean" if cfg.noise.type == "none" else f"{cfg.noise.type}{cfg.noise.rate:g}"
-    return f"{cfg.method.name}_{cfg.dataset.name}_{noise}_s{cfg.seed}_{cfg.digest()[:8]}"
+    method = cfg.method.name + ("-famus" if getattr(cfg.method, "famus", False) else "")
+    return f"{method}_{cfg.dataset.name}_{noise}_s{cfg.seed}_{cfg.digest()[:8]}"
 
 
 def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str | None = None,

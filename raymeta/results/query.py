@@ -47,14 +47,24 @@ def load(store: str, table: str = "trials", sweep: str | None = None) -> pl.Data
         known = list_sweeps(store)
         hint = f"; sweeps in this store: {', '.join(known)}" if known else ""
         raise ConfigError(f"no {table} results for {where} in store {store}{hint}")
-    return pl.concat(frames, how="diagonal_relaxed")
+    return with_method_label(pl.concat(frames, how="diagonal_relaxed"))
+
+
+def with_method_label(frame: pl.DataFrame) -> pl.DataFrame:
+    """Add `method`: the method name, with +famus when FaMUS was on (the papers' row labels)."""
+    if "method.name" not in frame.columns or "method" in frame.columns:
+        return frame
+    label = pl.col("method.name")
+    if "method.famus" in frame.columns:
+        label = pl.when(pl.col("method.famus").fill_null(False)).then(label + "+famus").otherwise(label)
+    return frame.with_columns(label.alias("method"))
 
 
 def _column_label(noise_type: str, rate: float) -> str:
     return "clean" if noise_type == "none" else f"{noise_type} {rate:g}"
 
 
-def summary(trials: pl.DataFrame, by: Sequence[str] = ("method.name",),
+def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
             columns: Sequence[str] = ("noise.type", "noise.rate"),
             metric: str = "final") -> pl.DataFrame:
     """Mean ± std (over seeds) of a metric, in percent: one row per `by`, one column per
@@ -84,8 +94,9 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method.name",),
     table = (cells.with_columns(label, text.alias("cell"))
              .pivot(on="setting", index=list(by), values="cell")
              .sort(list(by)))
-    if "method.name" in by:  # the baseline first, as in the papers
-        table = table.sort(pl.col("method.name") != "ce", maintain_order=True)
+    for key in ("method", "method.name"):
+        if key in by:  # the baseline first, as in the papers
+            table = table.sort(pl.col(key) != "ce", maintain_order=True)
     return table.select([*by, *order])
 
 

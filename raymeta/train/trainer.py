@@ -25,6 +25,7 @@ from raymeta.data.loader import DeviceSplit
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.methods import Engine, build_method
 from raymeta.methods.base import masked_sum_count
+from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
 
@@ -95,6 +96,8 @@ class Trainer:
         self.method = build_method(cfg.method, self.data.num_classes, self.model).to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.engine = Engine(self.model, self.optimizer)
+        if getattr(cfg.method, "famus", False):
+            self.engine.famus = Famus(cfg.famus, self.model)
         self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device)
                        for name in ("train", "meta", "test")}
         seeds = [int(s) for s in seeded_rng(cfg.seed, "batches").integers(0, 2**62, size=4)]
@@ -103,6 +106,8 @@ class Trainer:
                                 torch.Generator(self.device).manual_seed(seeds[2]),
                                 torch.Generator().manual_seed(seeds[3]))
         self.method.generator = self.gens.method
+        if self.engine.famus is not None:
+            self.engine.famus.generator = self.gens.method
         self.epoch = 0
         self.curves: list[dict] = []
         self.train_seconds = 0.0
@@ -170,7 +175,8 @@ class Trainer:
                 "ms_per_step": 1000.0 * seconds / max(count, 1),
                 "meta_step_share": meta_seconds / seconds if seconds else 0.0,
                 **{f"train_{key}": value for key, value in means.items()},
-                **method.epoch_metrics(self.data)}
+                **method.epoch_metrics(self.data),
+                **(engine.famus.epoch_metrics() if engine.famus is not None else {})}
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -216,6 +222,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
+                "famus": self.engine.famus.state_dict() if self.engine.famus is not None else None,
                 "generators": self.gens.state(), "curves": self.curves,
                 "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
                 "steps": self.steps, "engine_steps": self.engine.steps,
@@ -245,6 +252,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
+        if self.engine.famus is not None:
+            self.engine.famus.load_state_dict(state["famus"])
         self.gens.load(dict(state["generators"]))
         self.epoch, self.curves = state["epoch"], state["curves"]
         self.train_seconds, self.steps = state["train_seconds"], state["steps"]

@@ -1,0 +1,169 @@
+"""FaMUS: Faster Meta Update Strategy.
+
+Xu, Zhu, Jiang, Yang. "Faster Meta Update Strategy for Noise-Robust Deep Learning." CVPR 2021.
+
+The meta gradient is a sum of per-layer terms. A small sampler per parameter tensor looks at
+that tensor's (pooled, standardised) virtual-step gradient and draws a hard gate
+r in {0, 1} (straight-through Gumbel-softmax). A tensor that is on keeps r * g (its
+second-order path, and a gradient into its sampler); one that is off uses (1 - r) * stopgrad(g):
+the same value, so the virtual step is exact, but no path back through its gradient. Autograd
+then skips the backward-through-the-backward of every tensor that is off, and the whole meta
+backward below the lowest active tensor (tensors down there are plainly detached; their
+samplers learn from the count loss on that step).
+
+The samplers learn with the meta-model from L_meta + lambda_count * (sum r - k)^2
++ lambda_grad * L_g, where L_g is the squared distance between the pooled training and
+validation gradients of the classifier weight (paper Eq. 10-12; the count loss sums over every
+gate, not only the last as in the released code). Works with every method of the engine's
+bilevel step (mwnet, l2r, mlc, metalabelnet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymeta.config import FamusConfig
+
+
+def pooled(g: torch.Tensor) -> torch.Tensor:
+    """A tensor's gradient as one value per output unit, standardised (detached)."""
+    g = g.detach()
+    v = g.flatten(1).mean(dim=1) if g.dim() > 1 else g
+    return (v - v.mean()) / (v.std(unbiased=False) + 1e-9)
+
+
+class GateSampler(nn.Module):
+    """D -> hidden -> hidden -> 2 with PReLU: logits of (off, on)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.PReLU(), nn.Linear(hidden, hidden),
+                                 nn.PReLU(), nn.Linear(hidden, 2))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.net(v)
+
+
+def hard_gumbel_gate(logits: torch.Tensor, temperature: float,
+                     generator: torch.Generator | None) -> torch.Tensor:
+    """Straight-through Gumbel-softmax: the value is one-hot, the gradient is the softmax's."""
+    u = torch.rand(logits.shape, generator=generator).to(logits.device)
+    soft = F.softmax((logits - torch.log(-torch.log(u + 1e-20) + 1e-20)) / temperature, dim=-1)
+    hard = F.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype)
+    return (hard - soft.detach() + soft)[..., 1]  # index 1 means "on"
+
+
+class Famus:
+    """The samplers of one model, their optimizer, and their statistics."""
+
+    def __init__(self, cfg: FamusConfig, model: nn.Module):
+        self.cfg = cfg
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        classifier = {n for n in names if n.startswith("classifier.")}
+        window = names if cfg.candidates is None else names[-cfg.candidates:]
+        self.always_on = classifier if cfg.classifier_always_on else set()
+        self.candidates = [n for n in window if n not in self.always_on]
+        shapes = dict(model.named_parameters())
+        first = next(model.parameters())
+        device = first.device
+        self.samplers = nn.ModuleDict({n.replace(".", "/"): GateSampler(shapes[n].shape[0], cfg.hidden)
+                                       for n in self.candidates}).to(device=device, dtype=first.dtype)
+        self.optimizer = torch.optim.SGD(self.samplers.parameters(), lr=cfg.sampler_lr,
+                                         momentum=0.9, nesterov=True)
+        self.generator: torch.Generator | None = None
+        self.gate_sum = torch.zeros(len(self.candidates), device=device, dtype=first.dtype)
+        self.meta_steps = 0
+        self.total_steps = 0
+        self.cosines: list[float] = []
+        self.force: bool | None = None
+        """tests and diagnostics: True/False sets every gate on/off instead of sampling"""
+        if cfg.detach_at is not None:
+            modules = dict(model.named_modules())
+            if cfg.detach_at not in modules:
+                from raymeta.errors import ConfigError
+
+                raise ConfigError(f"famus.detach_at '{cfg.detach_at}' is not a module of this "
+                                  f"model; choose one of: {', '.join(n for n in modules if n)}")
+            self.detach_module = modules[cfg.detach_at]
+
+    def parameters(self):
+        return self.samplers.parameters()
+
+    def gate_gradients(self, grads: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor]:
+        """Sample the gates and return the gated gradients and the gates (r) as a tensor."""
+        if self.force is None:
+            logits = [self.samplers[n.replace(".", "/")](pooled(grads[n])) for n in self.candidates]
+            gates = hard_gumbel_gate(torch.stack(logits), self.cfg.temperature, self.generator)
+        else:
+            gates = torch.full((len(self.candidates),), float(self.force),
+                               device=self.gate_sum.device)
+        on = gates.detach().bool().tolist()  # the one host read per meta step: it prunes the graph
+        gated = {}
+        for name, g in grads.items():
+            if name in self.always_on:
+                gated[name] = g
+            elif name not in self.candidates:  # outside the window: always off
+                gated[name] = g.detach()
+        # below the lowest active tensor nothing needs the meta backward: detach fully there, so
+        # autograd stops at that tensor (those samplers learn from the count loss this step)
+        lowest = on.index(True) if True in on else len(on)
+        for i, name in enumerate(self.candidates):
+            g = grads[name]
+            if on[i]:
+                gated[name] = gates[i] * g
+            elif i > lowest:
+                gated[name] = (1 - gates[i]) * g.detach()
+            else:
+                gated[name] = g.detach()
+        self.gate_sum += gates.detach()
+        self.meta_steps += 1
+        self.total_steps += 1
+        return gated, gates
+
+    def extra_loss(self, gates: torch.Tensor, train_grad: torch.Tensor,
+                   val_grad: torch.Tensor) -> torch.Tensor:
+        """lambda_count * (sum r - k)^2 + lambda_grad * ||pool(g_train) - pool(g_val)||^2."""
+        count = (gates.sum() - self.cfg.k) ** 2
+        pool = (lambda g: g.flatten(1).mean(dim=1) if g.dim() > 1 else g)
+        distance = (pool(train_grad) - pool(val_grad.detach())).pow(2).sum()
+        return self.cfg.lambda_count * count + self.cfg.lambda_grad * distance
+
+    def step(self, grads: list[torch.Tensor | None]) -> None:
+        for p, g in zip(self.samplers.parameters(), grads):
+            p.grad = g
+        self.optimizer.step()
+
+    @contextlib.contextmanager
+    def truncating(self):
+        """Within it, the meta forward detaches the output of `detach_at`."""
+        if self.cfg.detach_at is None:
+            yield
+            return
+        handle = self.detach_module.register_forward_hook(lambda m, i, out: out.detach())
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def epoch_metrics(self) -> dict:
+        steps = max(self.meta_steps, 1)
+        frequency = (self.gate_sum / steps).tolist()
+        metrics = {"famus_active_tensors": float(sum(frequency)) + len(self.always_on),
+                   "famus_gate_frequency": [round(f, 4) for f in frequency],
+                   "famus_meta_cosine": (sum(self.cosines) / len(self.cosines)
+                                         if self.cosines else float("nan"))}
+        self.gate_sum.zero_()
+        self.meta_steps = 0
+        self.cosines = []
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"samplers": self.samplers.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samplers.load_state_dict(state["samplers"])
+        self.optimizer.load_state_dict(state["optimizer"])

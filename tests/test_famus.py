@@ -1,0 +1,115 @@
+"""FaMUS: gates on = the full meta gradient, gates off but the classifier = the last-layer
+meta gradient, the samplers learn, and the count loss pulls the active tensors toward k."""
+
+import numpy as np
+import pytest
+import torch
+
+from raymeta.config import FamusConfig, parse_experiment
+from raymeta.methods.famus import Famus
+from raymeta.train import Trainer
+from test_engine import batch, setup
+
+METHODS = [{"name": "mwnet", "famus": True}, {"name": "l2r", "famus": True},
+           {"name": "mlc", "famus": True}, {"name": "metalabelnet", "warmup_epochs": 1, "famus": True}]
+
+
+def famus_setup(method_cfg, **famus):
+    method, engine = setup(method_cfg)
+    engine.famus = Famus(FamusConfig(**famus), engine.model)
+    engine.famus.generator = torch.Generator().manual_seed(0)
+    return method, engine
+
+
+def famus_meta_gradient(method, engine, train, meta, params):
+    meta_loss, _ = engine.famus_objective(method, engine.forward(train.x), train, meta)
+    return torch.autograd.grad(meta_loss, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS, ids=lambda m: m["name"])
+def test_all_gates_on_is_the_full_meta_gradient(method_cfg):
+    method, engine = famus_setup(method_cfg)
+    train, meta = batch(8, 1), batch(6, 2)
+    params = method.meta_parameters(train)
+    full = torch.autograd.grad(engine.meta_objective(method, engine.forward(train.x), train, meta), params)
+    engine.famus.force = True
+    gated = famus_meta_gradient(method, engine, train, meta, params)
+    for f, g in zip(full, gated):
+        torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method_cfg", METHODS, ids=lambda m: m["name"])
+def test_gates_off_but_the_classifier_is_the_last_layer_meta_gradient(method_cfg):
+    method, engine = famus_setup(method_cfg, classifier_always_on=True)
+    train, meta = batch(8, 1), batch(6, 2)
+    params = method.meta_parameters(train)
+    # reference, by hand: only the classifier's gradient keeps its graph
+    grads = engine.gradients(method.virtual_loss(engine.forward(train.x), train))
+    grads = {n: g if n.startswith("classifier.") else g.detach() for n, g in grads.items()}
+    theta = engine.step_params(grads, method.cfg.virtual_lr, method.cfg.virtual_step)
+    reference = torch.autograd.grad(method.meta_loss(engine.functional_forward(theta, meta.x), meta),
+                                    params, allow_unused=True)
+    engine.famus.force = False
+    gated = famus_meta_gradient(method, engine, train, meta, params)
+    full = torch.autograd.grad(engine.meta_objective(method, engine.forward(train.x), train, meta), params)
+    for r, g, f in zip(reference, gated, full):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(g, f)  # pruning really changed the meta gradient
+
+
+def test_virtual_step_values_are_exact_whatever_the_gates():
+    method, engine = famus_setup({"name": "mwnet", "famus": True})
+    train = batch(8, 1)
+    loss = method.virtual_loss(engine.forward(train.x), train)
+    grads = engine.gradients(loss)
+    exact = engine.step_params(grads)
+    gated, gates = engine.famus.gate_gradients(grads)
+    assert 0 < gates.sum() < len(gates)  # some on, some off
+    for name, value in engine.step_params(gated).items():
+        torch.testing.assert_close(value, exact[name], rtol=0, atol=0)
+
+
+def test_samplers_receive_gradients_and_learn():
+    method, engine = famus_setup({"name": "mwnet", "famus": True})
+    before = [p.detach().clone() for p in engine.famus.parameters()]
+    train, meta = batch(8, 1), batch(6, 2)
+    out = method.step(engine, train, lambda: meta)
+    assert torch.isfinite(out.loss)
+    changed = [not torch.equal(b, p) for b, p in zip(before, engine.famus.parameters())]
+    assert all(changed)
+
+
+def test_count_loss_pulls_active_tensors_toward_k():
+    def run(k):
+        cfg = parse_experiment({
+            "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [32, 32, 32]}},
+            "train": {"epochs": 4, "batch_size": 64}, "method": {"name": "mwnet", "famus": True},
+            "famus": {"k": k, "lambda_count": 1.0, "lambda_grad": 0.0, "cosine_every": 0}, "seed": 0})
+        return [c["famus_active_tensors"] for c in Trainer(cfg).fit().curves]
+
+    low, high = run(1), run(7)  # 8 tensors: 4 weights, 4 biases
+    assert low[-1] < 2.0 and high[-1] > 6.0, (low, high)
+
+
+def test_cosine_to_the_full_meta_gradient_is_recorded():
+    cfg = parse_experiment({
+        "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [32]}},
+        "train": {"epochs": 2, "batch_size": 128}, "method": {"name": "mlc", "famus": True},
+        "famus": {"cosine_every": 3}, "seed": 0})
+    curves = Trainer(cfg).fit().curves
+    cosine = [c["famus_meta_cosine"] for c in curves]
+    assert all(-1.0 <= c <= 1.0 for c in cosine)
+    assert len(curves[0]["famus_gate_frequency"]) == 4
+
+
+def test_famus_config_errors():
+    from raymeta.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="famus does not apply to mlnt"):
+        parse_experiment({"method": {"name": "mlnt", "famus": True}})
+    with pytest.raises(ConfigError, match="unknown key 'method.famus'"):
+        parse_experiment({"method": {"name": "ce", "famus": True}})
+    cfg = parse_experiment({"method": {"name": "mwnet", "famus": True}, "famus": {"detach_at": "nope"},
+                            "train": {"epochs": 1}, "meta_set": {"per_class": 5}})
+    with pytest.raises(ConfigError, match="famus.detach_at 'nope' is not a module"):
+        Trainer(cfg)

@@ -1,0 +1,141 @@
+"""Time one training step of ce, each meta method, and each meta method with FaMUS.
+
+Side by side in one process, interleaved round-robin over repeats (this machine is shared and
+noisy; ratios taken in one run are what to compare), after warm-up steps. CIFAR-shaped random
+data, so no dataset is needed.
+
+    python tools/bench_meta_step.py --model preact_resnet18 --batch 64
+    python tools/bench_meta_step.py --model wrn --model-options '{"depth": 28, "width": 10}' \
+        --batch 100 --device cuda --format markdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from raymeta.config import parse_experiment
+from raymeta.data.loader import Batch
+from raymeta.methods import Engine, build_method
+from raymeta.methods.famus import Famus
+from raymeta.methods.optim import build_optimizer
+from raymeta.models import build_model
+
+
+def make_variant(name: str, famus: bool, args) -> dict:
+    method_cfg = {"name": name}
+    if name != "ce":
+        method_cfg["famus"] = famus
+    if name == "metalabelnet":
+        method_cfg["warmup_epochs"] = 1
+    cfg = parse_experiment({"method": method_cfg, "famus": json.loads(args.famus_options),
+                            "optimizer": {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}})
+    torch.manual_seed(0)
+    model = build_model(args.model, args.classes, 3, args.image, **json.loads(args.model_options))
+    model = model.to(args.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    method = build_method(cfg.method, args.classes, model).to(args.device)
+    engine = Engine(model, build_optimizer(cfg.optimizer, model.parameters()))
+    if famus:
+        engine.famus = Famus(cfg.famus, model)
+        engine.famus.generator = torch.Generator().manual_seed(0)
+    method.generator = torch.Generator().manual_seed(0)
+    method.on_epoch_start(1, engine)  # past MetaLabelNet's warm-up: its encoder exists
+    label = f"{name}+famus" if famus else name
+    return {"label": label, "method": method, "engine": engine, "times": [], "meta": []}
+
+
+def random_batch(n: int, args, seed: int) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, args.image, args.image, generator=g).to(args.device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, args.classes, (n,), generator=g).to(args.device)
+    return Batch(x, y, y, torch.arange(n, device=args.device))
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, device: str) -> float:
+    engine, method = variant["engine"], variant["method"]
+    sync(device)
+    tic = time.perf_counter()
+    for _ in range(steps):
+        method.step(engine, train, lambda: meta)
+    sync(device)
+    return (time.perf_counter() - tic) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="preact_resnet18")
+    parser.add_argument("--model-options", default="{}", help="JSON, e.g. '{\"depth\": 28, \"width\": 10}'")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--meta-batch", type=int, default=100)
+    parser.add_argument("--image", type=int, default=32)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--methods", default="ce,mwnet,l2r,mlc,metalabelnet")
+    parser.add_argument("--no-famus", action="store_true", help="only the full meta methods")
+    parser.add_argument("--famus-options", default="{}", help="JSON for the famus section, e.g. '{\"k\": 4}'")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--format", choices=["text", "markdown"], default="text")
+    args = parser.parse_args()
+
+    variants = []
+    for name in args.methods.split(","):
+        variants.append(make_variant(name, False, args))
+        if name != "ce" and not args.no_famus:
+            variants.append(make_variant(name, True, args))
+    train, meta = random_batch(args.batch, args, 1), random_batch(args.meta_batch, args, 2)
+    for v in variants:
+        run_steps(v, train, meta, args.warmup, args.device)
+        v["engine"].take_meta_seconds()
+    for _ in range(args.repeats):
+        for v in variants:  # round-robin, so slow phases of the machine hit every variant
+            seconds = run_steps(v, train, meta, args.steps, args.device)
+            v["times"].append(seconds)
+            v["meta"].append(v["engine"].take_meta_seconds() / (seconds * args.steps))
+
+    ms = {v["label"]: 1000 * statistics.median(v["times"]) for v in variants}
+    base = ms.get("ce")
+    rows = []
+    for v in variants:
+        label = v["label"]
+        full = ms.get(label.removesuffix("+famus"))
+        rows.append([label, f"{ms[label]:.1f}", f"{ms[label] / base:.2f}" if base else "",
+                     f"{ms[label] / full:.2f}" if label.endswith("+famus") else "",
+                     f"{statistics.median(v['meta']):.2f}"])
+    header = ["method", "ms/step", "x ce", "x full", "meta share"]
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    title = (f"{args.model} {json.loads(args.model_options) or ''} batch {args.batch} "
+             f"(meta batch {args.meta_batch}), {args.image}x{args.image}, {args.device} ({device}, "
+             f"{torch.get_num_threads()} threads), torch {torch.__version__}; median of "
+             f"{args.repeats} x {args.steps} steps after {args.warmup} warm-up")
+    if args.format == "markdown":
+        print(title + "\n")
+        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        print(title)
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    main()
