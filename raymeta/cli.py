@@ -52,8 +52,9 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         raise ConfigError(f"{config}: expected a mapping of config sections (dataset, noise, ...)")
     for key, value in _flatten_sets(_overrides(sets)).items():
         set_dotted(data, key, value)
-    cfg = parse_experiment(absolutize(data, Path(config).resolve().parent), where=config)
-    trial_id = trial_id_for(cfg)
+    data = absolutize(data, Path(config).resolve().parent)
+    cfg = parse_experiment(data, where=config)
+    trial_id = trial_id_for(cfg, data)
     folder = Path(out or Path("runs") / trial_id)
     resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
     if resume and resume_from is None:

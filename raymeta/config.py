@@ -252,6 +252,10 @@ class MetaLabelNetConfig(_MetaConfig):
     """weight decay of the label net"""
     entropy_weight: float = Field(1.0, ge=0.0)
     """weight of the prediction-entropy term of the actual loss"""
+    init_from_classifier: bool = True
+    """start the label net from the warm-up model's classifier (same shape, same features), so
+    the first soft labels are the warm-up predictions; false = random init (official code),
+    which needs many steps before its soft labels are better than noise"""
 
 
 METHOD_CONFIGS: dict[str, type[_Config]] = {

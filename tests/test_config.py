@@ -65,6 +65,14 @@ def test_grid_expands_dotted_keys_and_dict_values():
     assert len({c.trial_id for c in cells}) == 6
 
 
+def test_trial_ids_are_stable_and_identical_cells_run_once():
+    spec = sweep(grid={"noise": [{"type": "none"}, {"type": "none", "rate": 0.0}], "seed": [0, 1]})
+    cells = expand(spec)
+    assert len(cells) == 2  # the two noise entries are the same experiment
+    assert [c.trial_id for c in cells] == [c.trial_id for c in expand(spec)]
+    assert cells[0].trial_id.startswith("ce_digits_clean_s0_")
+
+
 def test_exclude_and_its_errors():
     grid = {"noise.type": ["uniform", "pair"], "noise.rate": [0.2, 0.4]}
     cells = expand(sweep(grid=grid, exclude=[{"noise.type": "pair", "noise.rate": 0.4}]))

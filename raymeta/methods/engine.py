@@ -135,7 +135,8 @@ class Engine:
             gated = torch.autograd.grad(meta_loss, meta_params, retain_graph=True, allow_unused=True)
             full = torch.autograd.grad(self.meta_objective(method, logits, batch, meta_batch),
                                        meta_params, retain_graph=True, allow_unused=True)
-            flat = [torch.cat([g.reshape(-1) for g in gs if g is not None]) for gs in (gated, full)]
+            flat = [torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                               for p, g in zip(meta_params, gs)]) for gs in (gated, full)]
             famus.cosines.append(F.cosine_similarity(flat[0], flat[1], dim=0).item())
         samplers = list(famus.parameters())
         grads = torch.autograd.grad(meta_loss + extra, meta_params + samplers, allow_unused=True)

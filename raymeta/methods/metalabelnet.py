@@ -46,6 +46,8 @@ class MetaLabelNet(MetaMethod):
         super().on_epoch_start(epoch, engine)
         if epoch >= self.cfg.warmup_epochs and self.encoder is None:
             self.encoder = frozen_copy(self.model).eval()
+            if self.cfg.init_from_classifier:
+                self.meta_model.load_state_dict(self.model.classifier.state_dict())
 
     def features(self, batch) -> torch.Tensor:
         if self._features[0] is not batch:

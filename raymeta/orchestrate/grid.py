@@ -87,15 +87,16 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         if hit:
             used_rules.update(hit)
             continue
+        data = absolutize(data, Path(base_dir))
         try:
-            cfg = parse_experiment(absolutize(data, Path(base_dir)), where=f"cell {overrides}")
+            cfg = parse_experiment(data, where=f"cell {overrides}")
         except ConfigError as err:
             errors.append(str(err))
             continue
-        trial_id = trial_id_for(cfg)
-        if trial_id in seen:  # two grid cells that are the same experiment run once
+        if cfg.digest() in seen:  # two grid cells that are the same experiment run once
             continue
-        seen[trial_id] = True
+        seen[cfg.digest()] = True
+        trial_id = trial_id_for(cfg, data)
         cells.append(Cell(trial_id, cfg, overrides))
     unused = [spec.exclude[i] for i in range(len(spec.exclude)) if i not in used_rules]
     if unused:

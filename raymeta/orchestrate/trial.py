@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
+import json
 import platform
 import socket
 import subprocess
@@ -41,18 +43,20 @@ def provenance() -> dict:
             "hostname": socket.gethostname()}
 
 
-def trial_id_for(cfg: ExperimentConfig) -> str:
-    """Readable and stable: the same config always gets the same id (so retries replace rows)."""
+def trial_id_for(cfg: ExperimentConfig, given: dict) -> str:
+    """Readable and stable: the hash covers what the user wrote (`given`: the sweep's base with
+    the cell's values), not defaults, so rerunning a sweep after raymeta gained a config field
+    replaces its rows instead of adding new ones beside them."""
     noise = "clean" if cfg.noise.type == "none" else f"{cfg.noise.type}{cfg.noise.rate:g}"
     method = cfg.method.name + ("-famus" if getattr(cfg.method, "famus", False) else "")
-    return f"{method}_{cfg.dataset.name}_{noise}_s{cfg.seed}_{cfg.digest()[:8]}"
+    text = json.dumps(given, sort_keys=True, default=str)
+    return f"{method}_{cfg.dataset.name}_{noise}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str | None = None,
+def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str,
               on_epoch_end: Callable | None = None, checkpoint_dir: str | Path | None = None,
               resume_from: str | Path | None = None, extra: dict | None = None) -> dict:
     """Train `cfg` and write its trial row and curves; a failure writes a failed row and re-raises."""
-    trial_id = trial_id or trial_id_for(cfg)
     started = dt.datetime.now(dt.timezone.utc)
     row = {"sweep_name": sweep, "config_digest": cfg.digest(), "config_json": cfg.model_dump_json(),
            **cfg.flat(), **provenance(), **(extra or {}), "started_at": started.isoformat()}
