@@ -113,3 +113,14 @@ def test_famus_config_errors():
                             "train": {"epochs": 1}, "meta_set": {"per_class": 5}})
     with pytest.raises(ConfigError, match="famus.detach_at 'nope' is not a module"):
         Trainer(cfg)
+
+
+def test_only_the_classifier_is_a_valid_baseline():
+    """No gated candidates: FaMUS reduces to last-layer meta gradients and still trains."""
+    cfg = parse_experiment({
+        "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [32]}},
+        "train": {"epochs": 2, "batch_size": 128}, "method": {"name": "mwnet", "famus": True},
+        "famus": {"candidates": 2, "classifier_always_on": True, "cosine_every": 1}, "seed": 0})
+    curves = Trainer(cfg).fit().curves
+    assert curves[-1]["famus_gate_frequency"] == [] and curves[-1]["famus_active_tensors"] == 2
+    assert 0.0 < curves[-1]["famus_meta_cosine"] < 1.0  # the last layer only, not the full gradient

@@ -72,8 +72,9 @@ class Famus:
         device = first.device
         self.samplers = nn.ModuleDict({n.replace(".", "/"): GateSampler(shapes[n].shape[0], cfg.hidden)
                                        for n in self.candidates}).to(device=device, dtype=first.dtype)
+        # no candidates (only always-on tensors) is a valid baseline: last-layer meta gradients
         self.optimizer = torch.optim.SGD(self.samplers.parameters(), lr=cfg.sampler_lr,
-                                         momentum=0.9, nesterov=True)
+                                         momentum=0.9, nesterov=True) if self.candidates else None
         self.generator: torch.Generator | None = None
         self.gate_sum = torch.zeros(len(self.candidates), device=device, dtype=first.dtype)
         self.meta_steps = 0
@@ -95,11 +96,11 @@ class Famus:
 
     def gate_gradients(self, grads: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor]:
         """Sample the gates and return the gated gradients and the gates (r) as a tensor."""
-        if self.force is None:
+        if self.force is None and self.candidates:
             logits = [self.samplers[n.replace(".", "/")](pooled(grads[n])) for n in self.candidates]
             gates = hard_gumbel_gate(torch.stack(logits), self.cfg.temperature, self.generator)
         else:
-            gates = torch.full((len(self.candidates),), float(self.force),
+            gates = torch.full((len(self.candidates),), float(bool(self.force)),
                                device=self.gate_sum.device)
         on = gates.detach().bool().tolist()  # the one host read per meta step: it prunes the graph
         gated = {}
@@ -133,6 +134,8 @@ class Famus:
         return self.cfg.lambda_count * count + self.cfg.lambda_grad * distance
 
     def step(self, grads: list[torch.Tensor | None]) -> None:
+        if self.optimizer is None:
+            return
         for p, g in zip(self.samplers.parameters(), grads):
             p.grad = g
         self.optimizer.step()
@@ -162,8 +165,10 @@ class Famus:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"samplers": self.samplers.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"samplers": self.samplers.state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.samplers.load_state_dict(state["samplers"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
