@@ -358,7 +358,8 @@ class SweepSpec(_Config):
     """the experiment config every cell starts from"""
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     """dotted key -> values; the sweep runs every combination (a value may be a dict that
-    sets several keys under that key, e.g. noise: [{type: none}, {type: uniform, rate: 0.4}])"""
+    sets several keys under that key, e.g. noise: [{type: none}, {type: uniform, rate: 0.4}];
+    the key "." takes dicts of dotted keys from the top, e.g. {method.name: l2r, optimizer.lr: 0.03})"""
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     """cells to skip: each entry maps dotted keys to values; a cell matching all is skipped"""
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
@@ -383,7 +384,16 @@ def _is_leaf_dict(dotted: str) -> bool:
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set tree['a']['b'] = value for 'a.b'; a dict value merges into what is there."""
+    """Set tree['a']['b'] = value for 'a.b'; a dict value merges into what is there.
+    The key "." takes a dict of dotted keys from the top (one grid entry setting several
+    sections at once, e.g. {method.name: l2r, optimizer.lr: 0.03})."""
+    if dotted == ".":
+        if not isinstance(value, dict):
+            raise ConfigError(f"grid key '.' takes mappings of dotted keys, like "
+                              f"{{method.name: l2r, optimizer.lr: 0.03}}; got {value!r}")
+        for key, sub in value.items():
+            set_dotted(tree, key, sub)
+        return
     *parents, last = dotted.split(".")
     node = tree
     for part in parents:

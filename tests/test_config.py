@@ -65,6 +65,15 @@ def test_grid_expands_dotted_keys_and_dict_values():
     assert len({c.trial_id for c in cells}) == 6
 
 
+def test_root_grid_key_sets_several_sections_per_entry():
+    spec = sweep(grid={".": [{"method.name": "ce"}, {"method.name": "l2r", "optimizer.lr": 0.03}],
+                       "seed": [0]})
+    cells = {c.config.method.name: c.config for c in expand(spec)}
+    assert cells["ce"].optimizer.lr == 0.1 and cells["l2r"].optimizer.lr == 0.03
+    with pytest.raises(ConfigError, match="grid key '.' takes mappings of dotted keys"):
+        expand(sweep(grid={".": ["l2r"]}))
+
+
 def test_trial_ids_are_stable_and_identical_cells_run_once():
     spec = sweep(grid={"noise": [{"type": "none"}, {"type": "none", "rate": 0.0}], "seed": [0, 1]})
     cells = expand(spec)
