@@ -1,7 +1,6 @@
 """FaMUS: gates on = the full meta gradient, gates off but the classifier = the last-layer
 meta gradient, the samplers learn, and the count loss pulls the active tensors toward k."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -80,7 +80,8 @@ def main() -> None:
     parser.add_argument("--model", default="preact_resnet18")
     parser.add_argument("--model-options", default="{}", help="JSON, e.g. '{\"depth\": 28, \"width\": 10}'")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--meta-batch", type=int, default=100)
+    parser.add_argument("--meta-batch", type=int, default=None,
+                        help="clean meta batch size (default: --batch, as MW-Net and MetaLabelNet do)")
     parser.add_argument("--image", type=int, default=32)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--device", default="cpu")
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--format", choices=["text", "markdown"], default="text")
     args = parser.parse_args()
+    args.meta_batch = args.meta_batch or args.batch
 
     variants = []
     for name in args.methods.split(","):

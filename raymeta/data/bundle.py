@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raymeta.config import ExperimentConfig, MetaSetConfig
-from raymeta.data.datasets import ImageFiles, RawData, load_raw, read_label_file
+from raymeta.data.datasets import ImageFiles, load_raw, read_label_file
 from raymeta.data.noise import NoisyLabels, clean_model_probs, exact_count, make_noisy_labels
 from raymeta.errors import ConfigError, DataError
 

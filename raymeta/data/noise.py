@@ -131,7 +131,6 @@ def _feature_dependent(clean, probs, rate, rng) -> np.ndarray:
     n_noisy = exact_count(len(clean), rate)
     order = np.argsort(-probs, axis=1, kind="stable")
     top1, top2 = order[:, 0], order[:, 1]
-    rows = np.arange(len(clean))
     noisy = clean.copy()
     wrong = np.flatnonzero(top1 != clean)
     if len(wrong) >= n_noisy:  # the model's most confident mistakes become the noisy labels

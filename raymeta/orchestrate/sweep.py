@@ -11,7 +11,6 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 from raymeta.config import ExperimentConfig, SweepSpec
 from raymeta.errors import ConfigError
