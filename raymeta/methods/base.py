@@ -56,6 +56,11 @@ def masked_sum_count(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([(values.detach() * mask).sum(), mask.sum()])
 
 
+def scalar_sum_count(value: torch.Tensor) -> torch.Tensor:
+    """tensor([value, 1]): a per-step scalar whose epoch value is its mean over steps."""
+    return torch.stack([value.detach(), torch.ones_like(value)])
+
+
 def clean_noisy_extras(prefix: str, values: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
     """A per-sample quantity averaged separately over clean and noisy labels (known from the
     synthetic noise; never used for training)."""

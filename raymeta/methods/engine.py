@@ -18,6 +18,7 @@ gives the papers' plain theta - lr * grad.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -111,17 +112,17 @@ class Engine:
         from raymeta.methods.base import StepOutput
 
         logits = self.forward(batch.x)
-        if self.steps % method.cfg.meta_interval == 0:
-            tic = self._tic()
-            meta_params = method.meta_parameters(batch)
-            if self.famus is None:
-                meta_loss = self.meta_objective(method, logits, batch, meta_batch())
-                grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
-            else:
-                grads = self._famus_meta_gradient(method, logits, batch, meta_batch(), meta_params)
-            method.apply_meta_gradient([torch.zeros_like(p) if g is None else g
-                                        for p, g in zip(meta_params, grads)])
-            self._toc(tic)
+        if self.meta_due(method):
+            with self.meta_timer():
+                meta_params = method.meta_parameters(batch)
+                if self.famus is None:
+                    meta_loss = self.meta_objective(method, logits, batch, meta_batch())
+                    grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
+                else:
+                    grads = self._famus_meta_gradient(method, logits, batch, meta_batch(),
+                                                      meta_params)
+                method.apply_meta_gradient([torch.zeros_like(p) if g is None else g
+                                            for p, g in zip(meta_params, grads)])
         loss = method.actual_loss(logits, batch)
         self.actual_step(loss)
         return StepOutput(loss.detach(), logits.detach(), method.step_extras(batch))
@@ -154,21 +155,24 @@ class Engine:
         self.optimizer.step()
         self.steps += 1
 
-    # ------------------------------------------------------------------------ timing
-    def _tic(self):
-        if next(self.model.parameters()).is_cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            return start
-        return time.perf_counter()
+    def meta_due(self, method: MetaMethod) -> bool:
+        """Whether this step updates the meta-model (every `meta_interval` steps)."""
+        return self.steps % method.cfg.meta_interval == 0
 
-    def _toc(self, tic) -> None:
-        if isinstance(tic, float):
+    # ------------------------------------------------------------------------ timing
+    @contextlib.contextmanager
+    def meta_timer(self):
+        """Adds the time of the enclosed meta update to `meta_seconds`."""
+        if not next(self.model.parameters()).is_cuda:
+            tic = time.perf_counter()
+            yield
             self.meta_seconds += time.perf_counter() - tic
-        else:  # read at the epoch's end, so no step waits for the GPU
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            self._cuda_events.append((tic, end))
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._cuda_events.append((start, end))  # read at the epoch's end: no step waits
 
     def take_meta_seconds(self) -> float:
         """Seconds spent in meta updates since the last call."""

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raymeta.methods.base import MetaMethod, StepOutput, frozen_copy, masked_sum_count, mean_ce
+from raymeta.methods.base import MetaMethod, StepOutput, frozen_copy, mean_ce, scalar_sum_count
 
 
 class MLNT(MetaMethod):
@@ -71,31 +71,28 @@ class MLNT(MetaMethod):
         logits = engine.forward(batch.x)
         loss = self.train_loss(logits, batch)
         weight = self.meta_weight()
-        due = engine.steps % self.cfg.meta_interval == 0
-        if weight == 0.0 or not due:
+        if weight == 0.0 or not engine.meta_due(self):
             engine.actual_step(loss)
             return StepOutput(loss.detach(), logits.detach())
-        tic = engine._tic()
-        self.update_teacher()
-        self.teacher.train(self.model.training)
-        with torch.no_grad():
-            features = self.teacher.features(batch.x)
-            teacher_probs = F.softmax(self.teacher.classifier(features), dim=1)
-            k = min(self.cfg.neighbours, len(features) - 1)
-            neighbours = torch.cdist(features, features).topk(k + 1, largest=False).indices[:, 1:]
         engine.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=logits.device)
-        for _ in range(self.cfg.num_fast):  # one graph at a time: backward each, keep the forward
-            meta = weight * self.consistency(engine, logits, batch,
-                                             self.synthetic_labels(batch.y, neighbours),
-                                             teacher_probs) / self.cfg.num_fast
-            meta.backward(retain_graph=True)
-            total += meta.detach()
-        engine._toc(tic)
+        with engine.meta_timer():
+            self.update_teacher()
+            self.teacher.train(self.model.training)
+            with torch.no_grad():
+                features = self.teacher.features(batch.x)
+                teacher_probs = F.softmax(self.teacher.classifier(features), dim=1)
+                k = min(self.cfg.neighbours, len(features) - 1)
+                neighbours = torch.cdist(features, features).topk(k + 1, largest=False).indices[:, 1:]
+            total = torch.zeros((), device=logits.device)
+            for _ in range(self.cfg.num_fast):  # one graph at a time: backward each, keep the forward
+                meta = weight * self.consistency(engine, logits, batch,
+                                                 self.synthetic_labels(batch.y, neighbours),
+                                                 teacher_probs) / self.cfg.num_fast
+                meta.backward(retain_graph=True)
+                total += meta.detach()
         loss.backward()
         engine.apply_gradients()
-        return StepOutput(loss.detach(), logits.detach(),
-                          {"consistency": masked_sum_count(total, torch.ones((), device=total.device))})
+        return StepOutput(loss.detach(), logits.detach(), {"consistency": scalar_sum_count(total)})
 
     def state_dict(self):
         return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}

@@ -76,7 +76,7 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
             raise ConfigError(f"sweep '{spec.name}': grid key '{key}' has no values; give at "
                               f"least one, or remove the key")
     keys = list(spec.grid)
-    cells, errors, seen = [], [], {}
+    cells, errors, seen = [], [], set()
     used_rules = set()
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         overrides = dict(zip(keys, combo))
@@ -93,9 +93,10 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         except ConfigError as err:
             errors.append(str(err))
             continue
-        if cfg.digest() in seen:  # two grid cells that are the same experiment run once
+        digest = cfg.digest()
+        if digest in seen:  # two grid cells that are the same experiment run once
             continue
-        seen[cfg.digest()] = True
+        seen.add(digest)
         trial_id = trial_id_for(cfg, data)
         cells.append(Cell(trial_id, cfg, overrides))
     unused = [spec.exclude[i] for i in range(len(spec.exclude)) if i not in used_rules]

@@ -24,7 +24,7 @@ from raymeta.data.bundle import DataBundle, build_data, seeded_rng
 from raymeta.data.loader import DeviceSplit
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.methods import Engine, build_method
-from raymeta.methods.base import masked_sum_count
+from raymeta.methods.base import masked_sum_count, scalar_sum_count
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
@@ -112,7 +112,6 @@ class Trainer:
         self.curves: list[dict] = []
         self.train_seconds = 0.0
         self.meta_seconds = 0.0
-        self.steps = 0
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -151,8 +150,7 @@ class Trainer:
                                    drop_last=len(train) > cfg.train.batch_size):
             out = method.step(engine, batch, meta_batch)
             pred = out.logits.argmax(1)
-            one = torch.ones((), device=self.device)
-            values = {"loss": torch.stack([out.loss.float(), one]),
+            values = {"loss": scalar_sum_count(out.loss.float()),
                       "acc": masked_sum_count((pred == batch.y).float(), batch.y >= 0),
                       "acc_clean": masked_sum_count((pred == batch.y_clean).float(),
                                                     batch.y_clean >= 0),
@@ -167,7 +165,6 @@ class Trainer:
         meta_seconds = engine.take_meta_seconds()
         self.train_seconds += seconds
         self.meta_seconds += meta_seconds
-        self.steps += count
         if not math.isfinite(means.get("loss", 0.0)):
             raise TrainingDiverged(f"training loss is {means['loss']} in epoch {self.epoch} "
                                    f"(method {method.name}); lower optimizer.lr or check the data")
@@ -211,7 +208,7 @@ class Trainer:
             "test_acc_at_best_meta": float(test[best_meta]),
             "final_train_loss": float(self.curves[-1]["train_loss"]),
             "wall_seconds": wall_seconds, "train_seconds": self.train_seconds,
-            "ms_per_step": 1000.0 * self.train_seconds / max(self.steps, 1),
+            "ms_per_step": 1000.0 * self.train_seconds / max(self.engine.steps, 1),
             "meta_step_share": self.meta_seconds / self.train_seconds if self.train_seconds else 0.0,
             "peak_memory_mb": peak_mb,
             "device": str(self.device),
@@ -225,7 +222,7 @@ class Trainer:
                 "famus": self.engine.famus.state_dict() if self.engine.famus is not None else None,
                 "generators": self.gens.state(), "curves": self.curves,
                 "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
-                "steps": self.steps, "engine_steps": self.engine.steps,
+                "steps": self.engine.steps,
                 "config_digest": self.cfg.digest(), "noisy_labels_sha": self.data.noise.sha}
 
     def save_checkpoint(self, folder: str | Path) -> Path:
@@ -256,5 +253,5 @@ class Trainer:
             self.engine.famus.load_state_dict(state["famus"])
         self.gens.load(dict(state["generators"]))
         self.epoch, self.curves = state["epoch"], state["curves"]
-        self.train_seconds, self.steps = state["train_seconds"], state["steps"]
-        self.meta_seconds, self.engine.steps = state["meta_seconds"], state["engine_steps"]
+        self.train_seconds, self.meta_seconds = state["train_seconds"], state["meta_seconds"]
+        self.engine.steps = state["steps"]
