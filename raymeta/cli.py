@@ -40,9 +40,18 @@ def cli() -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="checkpoint folder [default: runs/<trial id>]")
 @click.option("--resume", is_flag=True, help="continue from the checkpoint in --out")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="data-parallel workers (Ray Train); batch_size is per worker")
+@click.option("--gpus-per-worker", type=click.IntRange(min=0), default=0, show_default=True,
+              help="with --workers: GPUs of each worker (0: train on CPUs, gloo)")
+@click.option("--max-failures", type=click.IntRange(min=0), default=1, show_default=True,
+              help="with --workers: restarts from the last checkpoint after a worker dies")
+@click.option("--address", default=None, help="with --workers: Ray cluster address "
+              "(default: start a local Ray)")
 def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: str | None,
-        resume: bool) -> None:
-    """Train one experiment in this process (no Ray)."""
+        resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
+        address: str | None) -> None:
+    """Train one experiment: in this process (no Ray), or on --workers Ray Train workers."""
     from raymeta.config import parse_experiment, set_dotted
     from raymeta.orchestrate.grid import absolutize, read_yaml
     from raymeta.orchestrate.trial import run_trial, trial_id_for
@@ -55,6 +64,10 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
     data = absolutize(data, Path(config).resolve().parent)
     cfg = parse_experiment(data, where=config)
     trial_id = trial_id_for(cfg, data)
+    if workers > 1:
+        _run_distributed(cfg, trial_id, store, sweep_name, workers, gpus_per_worker,
+                         max_failures, address)
+        return
     folder = Path(out or Path("runs") / trial_id)
     resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
     if resume and resume_from is None:
@@ -69,6 +82,25 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
                     checkpoint_dir=folder, resume_from=resume_from)
     click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
                f"{row['best_test_acc']:.4f}; rows written to {store} (sweep '{sweep_name}')")
+
+
+def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, workers: int,
+                     gpus_per_worker: int, max_failures: int, address: str | None) -> None:
+    """A data-parallel run; Ray Train keeps its checkpoints, so rerunning it continues."""
+    from raymeta.config import ResourcesConfig
+    from raymeta.orchestrate.distributed import fit_distributed, train_storage
+    from raymeta.orchestrate.runtime import start_ray
+    from raymeta.results.store import resolve_store
+
+    store = resolve_store(store)
+    resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=workers,
+                                gpus_per_trial=gpus_per_worker * workers, max_failures=max_failures)
+    start_ray(address, resources.gpus_per_trial, f"{trial_id}")
+    click.echo(f"{trial_id}: {workers} workers, checkpoints in "
+               f"{train_storage(store, sweep_name)}/{trial_id}")
+    outcome = fit_distributed(cfg, resources, store=store, sweep=sweep_name, trial_id=trial_id)
+    click.echo(f"{trial_id}: final test acc {outcome['final_test_acc']:.4f} on "
+               f"{outcome['world_size']} workers; rows written to {store} (sweep '{sweep_name}')")
 
 
 def _flatten_sets(data: dict) -> dict:
@@ -115,8 +147,7 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
 def validate(paths: tuple[str, ...]) -> None:
     """Check sweep files or experiment configs; report every problem."""
-    from raymeta.config import parse_experiment
-    from raymeta.config import parse_sweep
+    from raymeta.config import parse_experiment, parse_sweep
     from raymeta.orchestrate.grid import expand, read_yaml
 
     problems = 0

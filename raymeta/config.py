@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -262,8 +262,7 @@ METHOD_CONFIGS: dict[str, type[_Config]] = {
     "ce": CEConfig, "mwnet": MWNetConfig, "l2r": L2RConfig, "mlc": MLCConfig,
     "mlnt": MLNTConfig, "metalabelnet": MetaLabelNetConfig}
 """method name -> its config class; a new method registers here and in MethodConfig"""
-MethodConfig = Annotated[Union[CEConfig, MWNetConfig, L2RConfig, MLCConfig, MLNTConfig,
-                               MetaLabelNetConfig], Field(discriminator="name")]
+MethodConfig = Annotated[CEConfig | MWNetConfig | L2RConfig | MLCConfig | MLNTConfig | MetaLabelNetConfig, Field(discriminator="name")]
 METHODS = tuple(METHOD_CONFIGS)
 
 
@@ -308,17 +307,40 @@ class TrainConfig(_Config):
     """batch size for evaluation"""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """where to train; auto = cuda when available"""
+    dtype: Literal["float32", "float64"] = "float32"
+    """floating-point type of models and inputs (float64: exactness checks, gradient tests)"""
     checkpoint: bool = True
     """save a checkpoint every epoch (needed to resume)"""
 
 
 class ResourcesConfig(_Config):
     cpus_per_trial: float = Field(1.0, gt=0.0)
-    """CPUs reserved per trial"""
+    """CPUs reserved per trial (shared by its workers)"""
     gpus_per_trial: float = Field(0.0, ge=0.0)
-    """GPUs per trial; a fraction (0.25) packs several small trials on one GPU"""
+    """GPUs per trial; a fraction (0.25) packs several small trials on one GPU; with several
+    workers, each gets gpus_per_trial / workers_per_trial (a whole number of GPUs)"""
+    workers_per_trial: int = Field(1, ge=1)
+    """data-parallel workers per trial (Ray Train); batch_size is per worker, so N workers
+    train with global batch N * batch_size"""
+    max_failures: int = Field(1, ge=0)
+    """multi-worker trials: restarts from the last checkpoint after a worker dies"""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """at most this many trials at once (default: what the cluster's resources allow)"""
+
+    @model_validator(mode="after")
+    def _check(self) -> ResourcesConfig:
+        per_worker = self.gpus_per_trial / self.workers_per_trial
+        if self.workers_per_trial > 1 and per_worker and per_worker != int(per_worker):
+            raise ValueError(
+                f"gpus_per_trial {self.gpus_per_trial:g} over workers_per_trial "
+                f"{self.workers_per_trial} gives {per_worker:g} GPU per worker; workers of one "
+                f"run cannot share a GPU (NCCL refuses); use a multiple of workers_per_trial")
+        return self
+
+    def per_worker(self) -> dict[str, float]:
+        """Ray resources of one worker."""
+        return {"CPU": self.cpus_per_trial / self.workers_per_trial,
+                "GPU": self.gpus_per_trial / self.workers_per_trial}
 
 
 class ExperimentConfig(_Config):

@@ -14,7 +14,7 @@ import pytest
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=256 * 1024**2, log_to_driver=False,
+    ray.init(num_cpus=3, object_store_memory=256 * 1024**2, log_to_driver=False,
              configure_logging=True, logging_level="ERROR")
     yield
     ray.shutdown()

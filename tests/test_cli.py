@@ -78,3 +78,15 @@ def test_sweep_command_prints_the_summary(tmp_path):
     assert "[2/2]" in proc.stdout and "2 completed, 0 failed" in proc.stdout
     assert "clean" in proc.stdout and "flip_to_one 0.4" in proc.stdout
     assert len(list((tmp_path / "out" / "trials" / "sweep=mini").glob("*.parquet"))) == 2
+
+
+def test_impossible_worker_requests_fail_before_ray_starts(tmp_path):
+    (tmp_path / "exp.yaml").write_text(TINY)
+    proc = raymeta("run", "exp.yaml", "--workers", "2", "--gpus-per-worker", "1", cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 2 and "has no GPU" in proc.stderr
+    (tmp_path / "half.yaml").write_text(
+        "name: h\nbase: {}\ngrid: {seed: [0]}\n"
+        "resources: {workers_per_trial: 2, gpus_per_trial: 1}\n")
+    proc = raymeta("validate", "half.yaml", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "workers of one run cannot share a GPU" in proc.stderr

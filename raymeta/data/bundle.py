@@ -14,7 +14,12 @@ import numpy as np
 
 from raymeta.config import ExperimentConfig, MetaSetConfig
 from raymeta.data.datasets import ImageFiles, load_raw, read_label_file
-from raymeta.data.noise import NoisyLabels, clean_model_probs, exact_count, make_noisy_labels
+from raymeta.data.noise import (
+    NoisyLabels,
+    clean_model_probs,
+    exact_count,
+    make_noisy_labels,
+)
 from raymeta.errors import ConfigError, DataError
 
 AUGMENT_DEFAULTS = {"cifar10": "crop_flip", "cifar100": "crop_flip", "clothing1m": "flip"}
@@ -63,9 +68,11 @@ class DataBundle:
                 "noisy_labels_sha": self.noise.sha, "meta_split_sha": self.meta_sha}
 
 
-def seeded_rng(seed: int, stream: str) -> np.random.Generator:
-    """An independent generator per purpose, so e.g. changing the meta size keeps the split seed."""
-    return np.random.default_rng([seed, int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")])
+def seeded_rng(seed: int, stream: str, *more: int) -> np.random.Generator:
+    """An independent generator per purpose (and per `more` numbers, e.g. epoch and rank), so
+    e.g. changing the meta size keeps the split seed."""
+    code = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
+    return np.random.default_rng([seed, code, *more])
 
 
 def stratified_pick(labels: np.ndarray, num_classes: int, cfg: MetaSetConfig,

@@ -8,8 +8,8 @@ skips them, except methods that learn targets for them (MetaLabelNet).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 
 from raymeta.data.loader import Batch
 from raymeta.methods.engine import Engine
+from raymeta.parallel import batch_mean, rank_world
 
 MetaBatchFn = Callable[[], Batch]
 """returns a clean meta batch; called only on steps that update the meta-model"""
@@ -38,8 +39,8 @@ def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy averaged over the labeled samples."""
-    return per_sample_ce(logits, labels).sum() / (labels >= 0).sum().clamp_min(1)
+    """Cross-entropy averaged over the labeled samples (of the global batch)."""
+    return batch_mean(per_sample_ce(logits, labels), labels >= 0)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -57,8 +58,10 @@ def masked_sum_count(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def scalar_sum_count(value: torch.Tensor) -> torch.Tensor:
-    """tensor([value, 1]): a per-step scalar whose epoch value is its mean over steps."""
-    return torch.stack([value.detach(), torch.ones_like(value)])
+    """tensor([value, 1 / workers]): a per-step scalar whose epoch value is its mean over steps.
+    `value` is this worker's share of a global-batch quantity (a loss built with batch_mean),
+    so the sums over workers give the global value once per step."""
+    return torch.stack([value.detach(), torch.full_like(value, 1.0 / rank_world()[1])])
 
 
 def clean_noisy_extras(prefix: str, values: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
@@ -100,9 +103,9 @@ class Method:
         """Per-epoch facts about what the meta-model learned (for the curves)."""
         return {}
 
-    def to(self, device: torch.device) -> Method:
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> Method:
         if self.meta_model is not None:
-            self.meta_model.to(device)
+            self.meta_model.to(device, dtype)
         return self
 
     def state_dict(self) -> dict:
@@ -119,6 +122,9 @@ class MetaMethod(Method):
 
     uses_meta_batch = True
     meta_optimizer: torch.optim.Optimizer | None = None
+    per_sample_meta_parameters = False
+    """True when the meta parameters belong to this worker's samples (L2R's perturbations):
+    their gradients are not summed across workers"""
 
     def meta_parameters(self, batch: Batch) -> list[torch.Tensor]:
         """The tensors the meta gradient is taken with respect to."""
@@ -130,7 +136,7 @@ class MetaMethod(Method):
 
     def meta_loss(self, logits: torch.Tensor, meta_batch: Batch) -> torch.Tensor:
         """Loss on the clean meta batch after the virtual step."""
-        return F.cross_entropy(logits, meta_batch.y)
+        return batch_mean(F.cross_entropy(logits, meta_batch.y, reduction="none"))
 
     def apply_meta_gradient(self, grads: list[torch.Tensor]) -> None:
         """Update the meta-model with its meta gradient (default: its optimizer)."""

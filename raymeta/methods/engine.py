@@ -11,6 +11,10 @@ One training step of a meta method (`bilevel_step`):
      meta parameters, and the method's meta update;
   4. actual step: the real optimizer on the actual loss, computed with the updated meta-model.
 
+Every gradient that crosses the batch is summed across data-parallel workers
+(`raymeta.parallel`): the virtual gradient differentiably, the meta gradient and the actual
+gradient plainly; with one worker those sums are no-ops.
+
 The virtual step mirrors the real optimizer (SGD with momentum/Nesterov/weight decay, or Adam)
 by default, so the meta loss is measured where training will really go; `virtual_step: sgd`
 gives the papers' plain theta - lr * grad.
@@ -20,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+
+from raymeta.parallel import all_reduce_sum_, global_sum, global_sum_many, rank_world
 
 if TYPE_CHECKING:
     from raymeta.data.loader import Batch
@@ -58,12 +64,14 @@ class Engine:
 
     # ------------------------------------------------------------------ virtual step
     def gradients(self, loss: torch.Tensor, create_graph: bool = True) -> dict[str, torch.Tensor]:
-        """Gradients of `loss` w.r.t. every trainable parameter (zeros where unused)."""
+        """Gradients of `loss` w.r.t. every trainable parameter (zeros where unused), summed
+        over workers (differentiably: the meta gradient flows back to every worker)."""
         params = self.named_params()
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                     allow_unused=True)
-        return {n: torch.zeros_like(p) if g is None else g
-                for (n, p), g in zip(params.items(), grads)}
+        grads = global_sum_many([torch.zeros_like(p) if g is None else g
+                                 for p, g in zip(params.values(), grads)])
+        return dict(zip(params, grads))
 
     def step_params(self, grads: dict[str, torch.Tensor], lr: float | None = None,
                     mode: str = "optimizer") -> dict[str, torch.Tensor]:
@@ -104,6 +112,7 @@ class Engine:
         with self.famus.truncating():
             meta_loss = method.meta_loss(self.functional_forward(theta, meta_batch.x), meta_batch)
         val_grad, = torch.autograd.grad(meta_loss, theta["classifier.weight"], retain_graph=True)
+        all_reduce_sum_([val_grad])  # this worker's share of the meta loss -> the whole
         return meta_loss, self.famus.extra_loss(gates, grads["classifier.weight"], val_grad)
 
     # ------------------------------------------------------------------- full steps
@@ -121,8 +130,10 @@ class Engine:
                 else:
                     grads = self._famus_meta_gradient(method, logits, batch, meta_batch(),
                                                       meta_params)
-                method.apply_meta_gradient([torch.zeros_like(p) if g is None else g
-                                            for p, g in zip(meta_params, grads)])
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, grads)]
+                if not method.per_sample_meta_parameters:
+                    all_reduce_sum_(grads)
+                method.apply_meta_gradient(grads)
         loss = method.actual_loss(logits, batch)
         self.actual_step(loss)
         return StepOutput(loss.detach(), logits.detach(), method.step_extras(batch))
@@ -136,12 +147,22 @@ class Engine:
             gated = torch.autograd.grad(meta_loss, meta_params, retain_graph=True, allow_unused=True)
             full = torch.autograd.grad(self.meta_objective(method, logits, batch, meta_batch),
                                        meta_params, retain_graph=True, allow_unused=True)
-            flat = [torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+            a, b = [torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                for p, g in zip(meta_params, gs)]) for gs in (gated, full)]
-            famus.cosines.append(F.cosine_similarity(flat[0], flat[1], dim=0).item())
+            if not method.per_sample_meta_parameters:
+                all_reduce_sum_([a, b])
+                dots = torch.stack([a @ b, a @ a, b @ b])
+            else:  # each worker holds its samples' part of the vectors
+                dots = global_sum(torch.stack([a @ b, a @ a, b @ b]))
+            famus.cosines.append((dots[0] / (dots[1] * dots[2]).sqrt().clamp_min(1e-30)).item())
         samplers = list(famus.parameters())
-        grads = torch.autograd.grad(meta_loss + extra, meta_params + samplers, allow_unused=True)
-        famus.step(grads[len(meta_params):])
+        # the extra loss is the same on every worker: count it once in the summed gradient
+        world = rank_world()[1]
+        grads = torch.autograd.grad(meta_loss + extra / world, meta_params + samplers,
+                                    allow_unused=True)
+        sampler_grads = grads[len(meta_params):]
+        all_reduce_sum_([g for g in sampler_grads if g is not None])  # same pattern on all workers
+        famus.step(sampler_grads)
         return grads[: len(meta_params)]
 
     def actual_step(self, loss: torch.Tensor) -> None:
@@ -151,7 +172,8 @@ class Engine:
         self.apply_gradients()
 
     def apply_gradients(self) -> None:
-        """Step the real optimizer on the gradients accumulated in .grad."""
+        """Step the real optimizer on the gradients accumulated in .grad (summed over workers)."""
+        all_reduce_sum_([p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         self.steps += 1
 

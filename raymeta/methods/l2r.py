@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 
 from raymeta.methods.base import MetaMethod, clean_noisy_extras, per_sample_ce
+from raymeta.parallel import global_sum
 
 
 class L2R(MetaMethod):
     name = "l2r"
+    per_sample_meta_parameters = True
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)
@@ -32,7 +34,7 @@ class L2R(MetaMethod):
 
     def apply_meta_gradient(self, grads):
         weights = (-grads[0]).clamp_min(0)  # unlabeled samples have zero loss, so zero weight
-        total = weights.sum()
+        total = global_sum(weights.sum())  # normalised over the global batch
         self.weights = (weights / torch.where(total > 0, total, 1.0)).detach()
 
     def actual_loss(self, logits, batch):
@@ -40,4 +42,4 @@ class L2R(MetaMethod):
 
     def step_extras(self, batch):
         # relative weights: 1 is the weight every sample gets under plain cross-entropy
-        return clean_noisy_extras("weight", self.weights * len(batch.y), batch)
+        return clean_noisy_extras("weight", self.weights * batch.global_size, batch)

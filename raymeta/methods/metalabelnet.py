@@ -16,17 +16,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.methods.base import MetaMethod, StepOutput, frozen_copy, masked_sum_count
+from raymeta.parallel import batch_mean
 
 
 def kl_to_soft_labels(logits: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """KL(softmax(logits) || soft), averaged over samples and classes as in the official code."""
     log_p = F.log_softmax(logits, dim=1)
-    return (log_p.exp() * (log_p - (soft + 1e-10).log())).mean()
+    return batch_mean((log_p.exp() * (log_p - (soft + 1e-10).log())).mean(dim=1))
 
 
 def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
     log_p = F.log_softmax(logits, dim=1)
-    return -(log_p.exp() * log_p).mean()
+    return -batch_mean((log_p.exp() * log_p).mean(dim=1))
 
 
 class MetaLabelNet(MetaMethod):

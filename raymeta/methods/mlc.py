@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.methods.base import MetaMethod
+from raymeta.parallel import batch_mean
 
 
 class Transition(nn.Module):
@@ -41,7 +42,7 @@ class MLC(MetaMethod):
         losses = F.nll_loss(log_noisy, labels.clamp_min(0), reduction="none") * (labels >= 0)
         if self.cfg.loss_reduction == "sum":
             return losses.sum()
-        return losses.sum() / (labels >= 0).sum().clamp_min(1)
+        return batch_mean(losses, labels >= 0)
 
     # METHOD: the three hooks of the bilevel step
     def meta_parameters(self, batch):

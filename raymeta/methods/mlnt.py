@@ -19,7 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from raymeta.methods.base import MetaMethod, StepOutput, frozen_copy, mean_ce, scalar_sum_count
+from raymeta.methods.base import (
+    MetaMethod,
+    StepOutput,
+    frozen_copy,
+    mean_ce,
+    scalar_sum_count,
+)
+from raymeta.parallel import batch_mean
 
 
 class MLNT(MetaMethod):
@@ -50,12 +57,15 @@ class MLNT(MetaMethod):
         for t, s in zip(self.teacher.buffers(), self.model.buffers()):
             t.copy_(s)
 
-    def synthetic_labels(self, labels: torch.Tensor, neighbours: torch.Tensor) -> torch.Tensor:
-        """Relabel a random share of the batch with the label of a random near neighbour."""
-        n = len(labels)
+    def synthetic_labels(self, batch, neighbours: torch.Tensor) -> torch.Tensor:
+        """Relabel a random share of the batch with the label of a random near neighbour.
+        The draws are made for the global batch (the same on every worker); each worker
+        relabels the chosen samples of its own part."""
+        labels, n = batch.y, batch.global_size
         chosen = torch.randperm(n, generator=self.generator)[: int(n * self.cfg.perturb_ratio)]
         pick = torch.randint(0, neighbours.shape[1], (len(chosen),), generator=self.generator)
-        chosen, pick = chosen.to(labels.device), pick.to(labels.device)
+        mine = (chosen >= batch.offset) & (chosen < batch.offset + len(labels))
+        chosen, pick = (chosen[mine] - batch.offset).to(labels.device), pick[mine].to(labels.device)
         synthetic = labels.clone()
         synthetic[chosen] = labels[neighbours[chosen, pick]]
         return synthetic
@@ -65,7 +75,7 @@ class MLNT(MetaMethod):
         fast = engine.virtual_params(mean_ce(logits, synthetic), self.cfg.virtual_lr,
                                      self.cfg.virtual_step)
         log_fast = F.log_softmax(engine.functional_forward(fast, batch.x), dim=1)
-        return F.kl_div(log_fast, teacher_probs, reduction="batchmean")
+        return batch_mean(F.kl_div(log_fast, teacher_probs, reduction="none").sum(dim=1))
 
     def step(self, engine, batch, meta_batch) -> StepOutput:
         logits = engine.forward(batch.x)
@@ -86,7 +96,7 @@ class MLNT(MetaMethod):
             total = torch.zeros((), device=logits.device)
             for _ in range(self.cfg.num_fast):  # one graph at a time: backward each, keep the forward
                 meta = weight * self.consistency(engine, logits, batch,
-                                                 self.synthetic_labels(batch.y, neighbours),
+                                                 self.synthetic_labels(batch, neighbours),
                                                  teacher_probs) / self.cfg.num_fast
                 meta.backward(retain_graph=True)
                 total += meta.detach()

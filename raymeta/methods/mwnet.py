@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from raymeta.methods.base import MetaMethod, clean_noisy_extras, per_sample_ce
+from raymeta.parallel import batch_mean, global_sum
 
 
 class WeightNet(nn.Module):
@@ -46,9 +47,9 @@ class MWNet(MetaMethod):
     def weighted_loss(self, losses: torch.Tensor, weights: torch.Tensor, labeled: torch.Tensor):
         weights = weights * labeled
         if self.cfg.weights == "normalized":
-            total = weights.sum()
+            total = global_sum(weights.sum())  # over the global batch, differentiably
             return (weights * losses).sum() / torch.where(total > 0, total, 1.0)
-        return (weights * losses).sum() / labeled.sum().clamp_min(1)
+        return batch_mean(weights * losses, labeled)
 
     # METHOD: the three hooks of the bilevel step
     def virtual_loss(self, logits, batch):

@@ -1,30 +1,27 @@
 """Run a sweep with Ray Tune: one trial per grid cell, on a local Ray or a running cluster.
 
-Each trial is a plain Tune function trainable (ray-notes 1.5b: no Train controller for a
-one-process trial) that runs the Trainer, reports every epoch with a checkpoint, and writes
-its Parquet rows at the end. Ray is imported here only, so the rest of raymeta runs without it.
+A one-worker trial is a plain Tune function trainable (ray-notes 1.5b: no Train controller
+for a one-process trial) that runs the Trainer, reports every epoch with a checkpoint, and
+writes its Parquet rows at the end. A trial with `workers_per_trial > 1` is a Tune function
+trainable that builds a Ray Train TorchTrainer (the Train V2 pattern, ray-notes 1.2) whose
+rank-0 metrics are forwarded to Tune; Tune does not see Train's workers, so the number of
+concurrent trials is set from the cluster's resources.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time
 
-from raymeta.config import ExperimentConfig, SweepSpec
-from raymeta.errors import ConfigError
+from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.orchestrate.grid import Cell
+from raymeta.orchestrate.runtime import cluster_capacity, start_ray
 from raymeta.orchestrate.trial import run_trial
 from raymeta.results.store import resolve_store
 
-# quiet, hermetic defaults for local runs; a user's own settings win
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
-os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
-# a checkpoint every epoch is the design; Tune's warning about frequent snapshots is noise here
-os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+DRIVER_CPUS = 0.01
+"""what the Tune trial of a multi-worker run reserves itself: it only waits on its workers"""
 
 
 def _tune_trial(config: dict) -> None:
@@ -33,6 +30,16 @@ def _tune_trial(config: dict) -> None:
 
     cell = config["cell"]
     cfg = ExperimentConfig.model_validate(cell["experiment"])
+    resources = ResourcesConfig.model_validate(config["resources"])
+    if resources.workers_per_trial > 1:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from raymeta.orchestrate.distributed import fit_distributed
+
+        fit_distributed(cfg, resources, store=config["store"], sweep=config["sweep"],
+                        trial_id=cell["trial_id"], callbacks=[TuneReportCallback()],
+                        extra={"tune_trial_id": ray.tune.get_context().get_trial_id()})
+        return
 
     def report(metrics: dict, trainer) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -85,23 +92,17 @@ def _trial_name(trial) -> str:
     return trial.config["cell"]["trial_id"]
 
 
-def start_ray(address: str | None, spec: SweepSpec) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return
-    need_gpus = spec.resources.gpus_per_trial > 0
-    if need_gpus:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"sweep '{spec.name}' asks for resources.gpus_per_trial "
-                              f"{spec.resources.gpus_per_trial}, but this machine has no GPU; "
-                              f"set it to 0 or pass --address of a cluster with GPUs")
-    ray.init(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+def max_concurrent(resources: ResourcesConfig) -> int | None:
+    """The sweep's concurrency limit: the user's, or for multi-worker trials (whose workers
+    Tune cannot see) as many trials as the cluster's CPUs and GPUs hold."""
+    if resources.workers_per_trial == 1:
+        return resources.max_concurrent_trials
+    capacity = cluster_capacity()
+    fits = [capacity["CPU"] // resources.cpus_per_trial]
+    if resources.gpus_per_trial:
+        fits.append(capacity["GPU"] // resources.gpus_per_trial)
+    limit = max(1, int(min(fits)))
+    return min(limit, resources.max_concurrent_trials or limit)
 
 
 def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
@@ -111,8 +112,11 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
 
     store = resolve_store(spec.store)
     storage_path = f"{store.rstrip('/')}/tune"
-    start_ray(address, spec)
-    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    start_ray(address, spec.resources.gpus_per_trial, f"sweep '{spec.name}'")
+    if spec.resources.workers_per_trial > 1:  # the workers reserve the resources, not the trial
+        resources = {"cpu": DRIVER_CPUS}
+    else:
+        resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     trainable = ray.tune.with_resources(_tune_trial, resources)
     experiment = f"{storage_path}/{spec.name}"
     callbacks = [_progress_callback(len(cells))]
@@ -123,13 +127,14 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
         if resume:
             print(f"nothing to resume at {experiment}; starting the sweep", file=sys.stderr)
         param_space = {"store": store, "sweep": spec.name,
+                       "resources": spec.resources.model_dump(mode="json"),
                        "cell": ray.tune.grid_search(
                            [{"trial_id": c.trial_id, "experiment": c.config.model_dump(mode="json")}
                             for c in cells])}
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(
-                max_concurrent_trials=spec.resources.max_concurrent_trials,
+                max_concurrent_trials=max_concurrent(spec.resources),
                 reuse_actors=True,  # skips a process start and a torch import per trial
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=ray.tune.RunConfig(

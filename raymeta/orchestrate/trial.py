@@ -11,9 +11,9 @@ import socket
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from raymeta.config import ExperimentConfig
 from raymeta.results.store import write_trial
@@ -53,27 +53,42 @@ def trial_id_for(cfg: ExperimentConfig, given: dict) -> str:
     return f"{method}_{cfg.dataset.name}_{noise}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat()
+
+
+def trial_row(cfg: ExperimentConfig, sweep: str, extra: dict | None = None) -> dict:
+    """The columns every trial row has before it runs: config, provenance, start time."""
+    return {"sweep_name": sweep, "config_digest": cfg.digest(), "config_json": cfg.model_dump_json(),
+            **cfg.flat(), **provenance(), **(extra or {}), "started_at": _now()}
+
+
+def write_failed(store: str, sweep: str, trial_id: str, row: dict, err: BaseException,
+                 curves: list[dict]) -> dict:
+    """The failed row, with the error as its reason and the curves trained so far."""
+    row = {**row, "status": "failed", "error": f"{type(err).__name__}: {err}", "finished_at": _now()}
+    write_trial(store, sweep, trial_id, row, curves)
+    return row
+
+
+def write_completed(store: str, sweep: str, trial_id: str, row: dict, result) -> dict:
+    row = {**row, "status": "completed", "error": "", **result.outcome, "finished_at": _now()}
+    write_trial(store, sweep, trial_id, row, result.curves)
+    return row
+
+
 def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str,
               on_epoch_end: Callable | None = None, checkpoint_dir: str | Path | None = None,
               resume_from: str | Path | None = None, extra: dict | None = None) -> dict:
     """Train `cfg` and write its trial row and curves; a failure writes a failed row and re-raises."""
-    started = dt.datetime.now(dt.timezone.utc)
-    row = {"sweep_name": sweep, "config_digest": cfg.digest(), "config_json": cfg.model_dump_json(),
-           **cfg.flat(), **provenance(), **(extra or {}), "started_at": started.isoformat()}
+    row = trial_row(cfg, sweep, extra)
     trainer = None
     try:
         trainer = Trainer(cfg, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoint_dir,
                           resume_from=resume_from)
         result = trainer.fit()
-    except BaseException as err:
-        row.update(status="failed", error=f"{type(err).__name__}: {err}",
-                   finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
-        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: leave no row
-            raise
+    except Exception as err:  # KeyboardInterrupt, SystemExit: leave no row
         print(traceback.format_exc(), file=sys.stderr)
-        write_trial(store, sweep, trial_id, row, trainer.curves if trainer else [])
+        write_failed(store, sweep, trial_id, row, err, trainer.curves if trainer else [])
         raise
-    row.update(status="completed", error="", **result.outcome,
-               finished_at=dt.datetime.now(dt.timezone.utc).isoformat())
-    write_trial(store, sweep, trial_id, row, result.curves)
-    return row
+    return write_completed(store, sweep, trial_id, row, result)

@@ -3,6 +3,13 @@
 Runs in a plain process (no Ray needed); orchestration passes a callback that is called at
 each epoch's end. Metrics are summed on the device and read once per epoch, so a step never
 waits for the host.
+
+Inside a torch.distributed process group (Ray Train's workers) the same Trainer trains data
+parallel: every worker draws the same global batch order, meta batch and augmentation, and
+trains on its contiguous part (`raymeta.parallel`); metrics and evaluation are summed across
+workers, so every worker ends each epoch with the same model and the same numbers.
+BatchNorm uses each worker's own batch statistics in training; the running statistics are
+averaged across workers at each epoch's end, before evaluation.
 """
 
 from __future__ import annotations
@@ -11,9 +18,9 @@ import math
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +35,7 @@ from raymeta.methods.base import masked_sum_count, scalar_sum_count
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
+from raymeta.parallel import all_reduce_sum_, rank_world, shard
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -83,23 +91,30 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, *, on_epoch_end: Callable | None = None,
                  checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
-                 data: DataBundle | None = None):
+                 data: DataBundle | None = None, device: torch.device | None = None):
         self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
+        self.device = device if device is not None else pick_device(cfg.train.device)
+        self.dtype = getattr(torch, cfg.train.dtype)
+        self.rank, self.world = rank_world()
         self.on_epoch_end = on_epoch_end
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         torch.manual_seed(cfg.seed)  # the initialisation of the model and meta-model
         self.data = data if data is not None else build_data(cfg)
         channels, size = self.data.input_shape[0], self.data.input_shape[-1]
         self.model = build_model(cfg.model.name, self.data.num_classes, channels, size,
-                                 **cfg.model.options).to(self.device)
-        self.method = build_method(cfg.method, self.data.num_classes, self.model).to(self.device)
+                                 **cfg.model.options).to(self.device, self.dtype)
+        self.method = build_method(cfg.method, self.data.num_classes,
+                                   self.model).to(self.device, self.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.engine = Engine(self.model, self.optimizer)
         if getattr(cfg.method, "famus", False):
             self.engine.famus = Famus(cfg.famus, self.model)
-        self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device)
+        self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device, self.dtype)
                        for name in ("train", "meta", "test")}
+        for name in ("train", "meta"):
+            if len(self.splits[name]) < self.world:
+                raise ConfigError(f"the {name} split has {len(self.splits[name])} samples, fewer "
+                                  f"than the {self.world} data-parallel workers; use fewer workers")
         seeds = [int(s) for s in seeded_rng(cfg.seed, "batches").integers(0, 2**62, size=4)]
         self.gens = _Generators(torch.Generator().manual_seed(seeds[0]),
                                 torch.Generator().manual_seed(seeds[1]),
@@ -112,6 +127,8 @@ class Trainer:
         self.curves: list[dict] = []
         self.train_seconds = 0.0
         self.meta_seconds = 0.0
+        self.restarts = 0
+        """how many times this run continued from a checkpoint"""
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -136,10 +153,13 @@ class Trainer:
         self.model.train()
         method.on_epoch_start(self.epoch, engine)
         train, meta = self.splits["train"], self.splits["meta"]
+        rank, world = self.rank, self.world
+        if world > 1:  # dropout differs per worker, reproducibly (and exactly after a resume)
+            torch.manual_seed(int(seeded_rng(cfg.seed, "dropout", self.epoch, rank).integers(2**62)))
 
         def meta_batch():
             return meta.sample(cfg.train.meta_batch_size, self.gens.meta, self.data.augment,
-                               self.gens.augment)
+                               self.gens.augment, rank, world)
 
         sums: dict[str, torch.Tensor] = {}  # name -> [sum, count], on the device
         count = 0
@@ -147,7 +167,8 @@ class Trainer:
         for batch in train.batches(cfg.train.batch_size, shuffle=True,
                                    augment=self.data.augment, order_generator=self.gens.order,
                                    aug_generator=self.gens.augment,
-                                   drop_last=len(train) > cfg.train.batch_size):
+                                   drop_last=len(train) > cfg.train.batch_size * world,
+                                   rank=rank, world=world):
             out = method.step(engine, batch, meta_batch)
             pred = out.logits.argmax(1)
             values = {"loss": scalar_sum_count(out.loss.float()),
@@ -159,7 +180,9 @@ class Trainer:
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
             count += 1
-        totals = torch.stack(list(sums.values())).tolist()  # the epoch's one wait for the device
+        stacked = torch.stack(list(sums.values()))
+        all_reduce_sum_([stacked])  # sums and counts of every worker
+        totals = stacked.tolist()  # the epoch's one wait for the device
         means = {k: (t[0] / t[1] if t[1] else float("nan")) for k, t in zip(sums, totals)}
         seconds = time.perf_counter() - tic
         meta_seconds = engine.take_meta_seconds()
@@ -177,19 +200,38 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """Test and meta loss/accuracy; each worker evaluates its part of the split."""
+        self.average_batchnorm_statistics()
         self.model.eval()
-        results = {}
+        sums = []
         for name in ("test", "meta"):
             split = self.splits[name]
-            loss_sum = torch.zeros((), device=self.device)
-            correct = torch.zeros((), device=self.device)
-            for batch in split.batches(self.cfg.train.eval_batch_size, shuffle=False):
+            start, stop = shard(len(split), self.rank, self.world)
+            sum_ = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, correct
+            for begin in range(start, stop, self.cfg.train.eval_batch_size):
+                index = torch.arange(begin, min(begin + self.cfg.train.eval_batch_size, stop),
+                                     device=self.device)
+                batch = split.batch(index)
                 logits = self.model(batch.x)
-                loss_sum += F.cross_entropy(logits, batch.y, reduction="sum")
-                correct += (logits.argmax(1) == batch.y).sum()
-            loss, acc = (torch.stack([loss_sum, correct]) / max(len(split), 1)).tolist()
+                sum_[0] += F.cross_entropy(logits, batch.y, reduction="sum")
+                sum_[1] += (logits.argmax(1) == batch.y).sum()
+            sums.append(sum_)
+        all_reduce_sum_(sums)
+        results = {}
+        for name, sum_ in zip(("test", "meta"), sums):
+            loss, acc = (sum_ / max(len(self.splits[name]), 1)).tolist()
             results[f"{name}_loss"], results[f"{name}_acc"] = loss, acc
         return results
+
+    @torch.no_grad()
+    def average_batchnorm_statistics(self) -> None:
+        """Workers saw different batches: average their BatchNorm running statistics."""
+        if self.world == 1:
+            return
+        stats = [b for b in self.model.buffers() if b.is_floating_point()]
+        all_reduce_sum_(stats)
+        for b in stats:
+            b.div_(self.world)
 
     # ---------------------------------------------------------------------- bookkeeping
     def outcome(self, wall_seconds: float) -> dict:
@@ -210,7 +252,7 @@ class Trainer:
             "wall_seconds": wall_seconds, "train_seconds": self.train_seconds,
             "ms_per_step": 1000.0 * self.train_seconds / max(self.engine.steps, 1),
             "meta_step_share": self.meta_seconds / self.train_seconds if self.train_seconds else 0.0,
-            "peak_memory_mb": peak_mb,
+            "peak_memory_mb": peak_mb, "world_size": self.world, "restarts": self.restarts,
             "device": str(self.device),
             "gpu_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "",
             **self.data.summary(),
@@ -222,7 +264,7 @@ class Trainer:
                 "famus": self.engine.famus.state_dict() if self.engine.famus is not None else None,
                 "generators": self.gens.state(), "curves": self.curves,
                 "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
-                "steps": self.engine.steps,
+                "steps": self.engine.steps, "restarts": self.restarts,
                 "config_digest": self.cfg.digest(), "noisy_labels_sha": self.data.noise.sha}
 
     def save_checkpoint(self, folder: str | Path) -> Path:
@@ -255,3 +297,4 @@ class Trainer:
         self.epoch, self.curves = state["epoch"], state["curves"]
         self.train_seconds, self.meta_seconds = state["train_seconds"], state["meta_seconds"]
         self.engine.steps = state["steps"]
+        self.restarts = state.get("restarts", 0) + 1
