@@ -309,6 +309,9 @@ class TrainConfig(_Config):
     """where to train; auto = cuda when available"""
     dtype: Literal["float32", "float64"] = "float32"
     """floating-point type of models and inputs (float64: exactness checks, gradient tests)"""
+    sync_batchnorm: bool = False
+    """data parallel: BatchNorm normalises with the statistics of the global batch (one
+    all-reduce per layer and forward) instead of each worker's own (the default)"""
     checkpoint: bool = True
     """save a checkpoint every epoch (needed to resume)"""
 

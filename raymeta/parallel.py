@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def rank_world() -> tuple[int, int]:
@@ -77,3 +78,53 @@ def shard(n: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     start = rank * base + min(rank, extra)
     return start, start + base + (1 if rank < extra else 0)
+
+
+class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, computed with one
+    differentiable all-reduce per layer, so meta gradients (which differentiate through the
+    backward) stay exact. `nn.SyncBatchNorm`'s backward is not twice differentiable."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        local = torch.cat([x.sum(dims), (x * x).sum(dims),
+                           torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)])
+        total = global_sum(local)
+        channels = x.shape[1]
+        count = total[-1]
+        mean = total[:channels] / count
+        var = total[channels:2 * channels] / count - mean * mean  # biased, as BatchNorm trains
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)  # in place: functional_call swaps buffers
+                momentum = (self.momentum if self.momentum is not None
+                            else 1.0 / float(self.num_batches_tracked))  # cumulative average
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1).clamp_min(1), momentum)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+
+def synchronize_batchnorm(model: nn.Module) -> nn.Module:
+    """Replace every BatchNorm layer of `model` with a SyncedBatchNorm (same state)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, SyncedBatchNorm):
+            synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
+            like = [t for t in child.state_dict().values() if t.is_floating_point()]
+            if like:
+                synced.to(like[0])  # the layer's device and dtype
+            synced.load_state_dict(child.state_dict())
+            setattr(model, name, synced)
+        else:
+            synchronize_batchnorm(child)
+    return model

@@ -26,34 +26,46 @@ BATCH, META_BATCH = 8, 8  # per worker; one worker gets twice as much
 
 
 def exact_config(method: dict, world: int) -> ExperimentConfig:
-    """84 training samples: 5 steps of a global batch of 16."""
+    """84 training samples: 5 steps of a global batch of 16. A BatchNorm model with
+    train.sync_batchnorm when `method` asks for it."""
+    method = dict(method)
+    model = {"name": "mlp", "options": {"hidden": [16]}}  # no BatchNorm
+    if method.pop("sync_batchnorm", False):
+        model = {"name": "mlp", "options": {"hidden": [16, 16], "batchnorm": True}}
     return ExperimentConfig.model_validate({
         "dataset": {"name": "synthetic", "synthetic_samples": 200, "synthetic_classes": 4,
                     "synthetic_features": 6},
         "noise": {"type": "uniform", "rate": 0.4}, "meta_set": {"per_class": 14},
-        "model": {"name": "mlp", "options": {"hidden": [16]}},  # no BatchNorm
-        "method": method,
+        "model": model, "method": method,
         "train": {"epochs": 1, "batch_size": BATCH * (2 // world),
                   "meta_batch_size": META_BATCH * (2 // world), "dtype": "float64",
-                  "device": "cpu"},
+                  "device": "cpu", "sync_batchnorm": "batchnorm" in model["options"]},
         "famus": {"cosine_every": 0}})
 
 
 METHODS = {"ce": {"name": "ce"}, "mwnet": {"name": "mwnet"}, "mlc": {"name": "mlc"},
-           "mwnet+famus": {"name": "mwnet", "famus": True}}
+           "mwnet+famus": {"name": "mwnet", "famus": True},
+           "ce+syncbn": {"name": "ce", "sync_batchnorm": True},
+           "mwnet+syncbn": {"name": "mwnet", "sync_batchnorm": True}}
 
 
-def five_steps(method: dict, world: int) -> dict[str, np.ndarray]:
+def snapshot(trainer: Trainer) -> dict[str, np.ndarray]:
+    """Model parameters and buffers (BatchNorm statistics), and the meta-model's parameters."""
+    state = {f"model.{n}": t.detach().numpy().copy() for n, t in trainer.model.state_dict().items()}
+    if trainer.method.meta_model is not None:
+        state.update({f"meta.{n}": p.detach().numpy().copy()
+                      for n, p in trainer.method.meta_model.named_parameters()})
+    return state
+
+
+def five_steps(method: dict, world: int, steps: int = 5) -> dict[str, np.ndarray]:
     trainer = Trainer(exact_config(method, world))
     if trainer.engine.famus is not None:
         trainer.engine.famus.force = True  # every gate on: the exact meta gradient
-    trainer.train_epoch()
-    assert trainer.engine.steps == 5
-    params = {f"model.{n}": p.detach().numpy().copy() for n, p in trainer.model.named_parameters()}
-    if trainer.method.meta_model is not None:
-        params.update({f"meta.{n}": p.detach().numpy().copy()
-                       for n, p in trainer.method.meta_model.named_parameters()})
-    return params
+    if steps:
+        trainer.train_epoch()
+    assert trainer.engine.steps == steps
+    return snapshot(trainer)
 
 
 def _two_worker_loop(config: dict) -> dict:
@@ -111,17 +123,9 @@ def test_two_workers_equal_one_worker_with_the_global_batch(ray_session, tmp_pat
         gap = max(np.abs(one[k] - two[k]).max() for k in one)
         print(f"{name}: max |1 worker - 2 workers| = {gap:.2e}")
         assert gap < 1e-6, (name, gap)
-        moved = max(np.abs(one[k] - five_steps_init(method)[k]).max() for k in one)
+        start = five_steps(method, world=1, steps=0)
+        moved = max(np.abs(one[k] - start[k]).max() for k in one)
         assert moved > 1e-3, name  # the comparison is not between untouched parameters
-
-
-def five_steps_init(method: dict) -> dict[str, np.ndarray]:
-    trainer = Trainer(exact_config(method, 1))
-    params = {f"model.{n}": p.detach().numpy() for n, p in trainer.model.named_parameters()}
-    if trainer.method.meta_model is not None:
-        params.update({f"meta.{n}": p.detach().numpy()
-                       for n, p in trainer.method.meta_model.named_parameters()})
-    return params
 
 
 def _worker_pids() -> list[int]:

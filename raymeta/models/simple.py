@@ -11,10 +11,12 @@ from raymeta.models.base import Backbone, is_int, require
 
 
 class MLP(Backbone):
-    """Multi-layer perceptron on the flattened image, ReLU between layers (a plain baseline)."""
+    """Multi-layer perceptron on the flattened image, ReLU between layers (a plain baseline);
+    `batchnorm: true` puts a BatchNorm1d before each ReLU."""
 
     def __init__(
-        self, num_classes: int, in_channels: int, image_size: int, *, hidden: Sequence[int] = (256, 256)
+        self, num_classes: int, in_channels: int, image_size: int, *, hidden: Sequence[int] = (256, 256),
+        batchnorm: bool = False,
     ) -> None:
         super().__init__()
         hidden = list(hidden)
@@ -25,7 +27,7 @@ class MLP(Backbone):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_channels * image_size * image_size
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), *([nn.BatchNorm1d(h)] if batchnorm else []), nn.ReLU()]
             width = h
         self.body = nn.Sequential(*layers)
         self.feature_dim = width

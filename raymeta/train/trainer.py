@@ -35,7 +35,7 @@ from raymeta.methods.base import masked_sum_count, scalar_sum_count
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
-from raymeta.parallel import all_reduce_sum_, rank_world, shard
+from raymeta.parallel import all_reduce_sum_, rank_world, shard, synchronize_batchnorm
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -103,6 +103,8 @@ class Trainer:
         channels, size = self.data.input_shape[0], self.data.input_shape[-1]
         self.model = build_model(cfg.model.name, self.data.num_classes, channels, size,
                                  **cfg.model.options).to(self.device, self.dtype)
+        if cfg.train.sync_batchnorm and self.world > 1:
+            synchronize_batchnorm(self.model)
         self.method = build_method(cfg.method, self.data.num_classes,
                                    self.model).to(self.device, self.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
@@ -226,7 +228,7 @@ class Trainer:
     @torch.no_grad()
     def average_batchnorm_statistics(self) -> None:
         """Workers saw different batches: average their BatchNorm running statistics."""
-        if self.world == 1:
+        if self.world == 1 or self.cfg.train.sync_batchnorm:  # synced: already the same
             return
         stats = [b for b in self.model.buffers() if b.is_floating_point()]
         all_reduce_sum_(stats)
