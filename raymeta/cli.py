@@ -89,13 +89,15 @@ def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, workers: i
     """A data-parallel run; Ray Train keeps its checkpoints, so rerunning it continues."""
     from raymeta.config import ResourcesConfig
     from raymeta.orchestrate.distributed import fit_distributed, train_storage
-    from raymeta.orchestrate.runtime import start_ray
+    from raymeta.orchestrate.runtime import check_fits, start_ray
     from raymeta.results.store import resolve_store
 
     store = resolve_store(store)
     resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=workers,
                                 gpus_per_trial=gpus_per_worker * workers, max_failures=max_failures)
-    start_ray(address, resources.gpus_per_trial, f"{trial_id}")
+    start_ray(address, resources.gpus_per_trial, trial_id)
+    if not address:
+        check_fits(resources.cpus_per_trial, resources.gpus_per_trial, trial_id)
     click.echo(f"{trial_id}: {workers} workers, checkpoints in "
                f"{train_storage(store, sweep_name)}/{trial_id}")
     outcome = fit_distributed(cfg, resources, store=store, sweep=sweep_name, trial_id=trial_id)
@@ -114,8 +116,10 @@ def _flatten_sets(data: dict) -> dict:
 @click.option("--address", default=None, help="Ray cluster address (default: start a local Ray)")
 @click.option("--store", default=None, help="override the sweep file's results store")
 @click.option("--resume", is_flag=True, help="continue an interrupted sweep")
+@click.option("--rerun", is_flag=True,
+              help="train trials again even if their completed rows are in the store")
 @click.option("--dry-run", is_flag=True, help="validate and list the trials, run nothing")
-def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
+def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool, rerun: bool,
           dry_run: bool) -> None:
     """Run every cell of a sweep file as a Ray Tune trial, then print the summary."""
     from raymeta.orchestrate.grid import expand, load_sweep
@@ -134,7 +138,7 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
     from raymeta.results.store import resolve_store
 
     started = time.monotonic()
-    failed = run_sweep(spec, cells, address=address, resume=resume)
+    failed = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
     click.echo(f"sweep '{spec.name}' finished in {time.monotonic() - started:.0f}s "
                f"({len(cells) - failed} completed, {failed} failed)")
     trials = query.load(resolve_store(spec.store), "trials", spec.name)
@@ -174,10 +178,14 @@ def results() -> None:
 
 _store_option = click.option("--store", default="results", show_default=True,
                              help="results store (folder or URI)")
+_format_option = click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv", "latex"]),
+                              default="text", show_default=True)
+_sweep_option = click.option("--sweep", "sweep_name", default=None,
+                             help="sweep name (default: all sweeps)")
 
 
 @results.command()
-@click.option("--sweep", "sweep_name", default=None, help="sweep name (default: all sweeps)")
+@_sweep_option
 @_store_option
 @click.option("--by", default="method", show_default=True,
               help="row keys, comma-separated results columns")
@@ -185,8 +193,7 @@ _store_option = click.option("--store", default="results", show_default=True,
               help="column keys, comma-separated")
 @click.option("--metric", default="final", show_default=True,
               help="final | peak | best_meta | any numeric results column")
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "csv"]), default="text",
-              show_default=True)
+@_format_option
 def summary(sweep_name: str | None, store: str, by: str, columns: str, metric: str,
             fmt: str) -> None:
     """Mean ± std over seeds (n) of a test accuracy, methods x noise settings, in percent."""
@@ -198,7 +205,52 @@ def summary(sweep_name: str | None, store: str, by: str, columns: str, metric: s
 
 
 @results.command()
-@click.option("--sweep", "sweep_name", default=None, help="sweep name (default: all sweeps)")
+@click.argument("key")
+@_sweep_option
+@_store_option
+@click.option("--metric", default="final", show_default=True,
+              help="final | peak | best_meta | any numeric results column")
+@_format_option
+def ablation(key: str, sweep_name: str | None, store: str, metric: str, fmt: str) -> None:
+    """The metric as a function of a config KEY (e.g. meta_set.per_class, famus.k), per method."""
+    from raymeta.results import query
+
+    trials = query.load(store, "trials", sweep_name)
+    click.echo(query.render(query.ablation(trials, key, metric=metric), fmt))
+
+
+@results.command()
+@_sweep_option
+@_store_option
+@_format_option
+def speed(sweep_name: str | None, store: str, fmt: str) -> None:
+    """ms per step, meta-step share, peak memory, FaMUS speed-up over the full method."""
+    from raymeta.results import query
+
+    table = query.speed(query.load(store, "trials", sweep_name))
+    click.echo(query.render(table, fmt))
+
+
+@results.command()
+@_sweep_option
+@_store_option
+@click.option("--trial", "trial_ids", multiple=True, help="trial id (repeatable; default: all)")
+@click.option("--metric", "metrics", multiple=True, default=("test_acc",), show_default=True,
+              help="curve column (repeatable)")
+@click.option("--by", default=None, help="average over trials grouped by these results columns")
+@_format_option
+def curves(sweep_name: str | None, store: str, trial_ids: tuple[str, ...], metrics: tuple[str, ...],
+           by: str | None, fmt: str) -> None:
+    """Per-epoch curves of chosen trials, or their mean and std grouped --by (e.g. method)."""
+    from raymeta.results import query
+
+    table = query.curves(store, sweep=sweep_name, trial_ids=trial_ids or None, metrics=metrics,
+                         by=_keys(by) if by else None)
+    click.echo(query.render(table, fmt))
+
+
+@results.command()
+@_sweep_option
 @_store_option
 def failed(sweep_name: str | None, store: str) -> None:
     """List failed trials with their reasons."""

@@ -340,9 +340,10 @@ class ResourcesConfig(_Config):
                 f"run cannot share a GPU (NCCL refuses); use a multiple of workers_per_trial")
         return self
 
-    def per_worker(self) -> dict[str, float]:
-        """Ray resources of one worker."""
-        return {"CPU": self.cpus_per_trial / self.workers_per_trial,
+    def per_worker(self, driver_cpus: float = 0.0) -> dict[str, float]:
+        """Ray resources of one worker, when the trial's driver takes `driver_cpus` of the
+        trial's CPUs (so a trial never needs more than cpus_per_trial)."""
+        return {"CPU": (self.cpus_per_trial - driver_cpus) / self.workers_per_trial,
                 "GPU": self.gpus_per_trial / self.workers_per_trial}
 
 

@@ -90,3 +90,53 @@ def test_impossible_worker_requests_fail_before_ray_starts(tmp_path):
         "resources: {workers_per_trial: 2, gpus_per_trial: 1}\n")
     proc = raymeta("validate", "half.yaml", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "workers of one run cannot share a GPU" in proc.stderr
+
+
+@pytest.fixture
+def s3_server():
+    """A local S3-compatible server (moto in server mode) with an empty bucket."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
+                      region="us-east-1", allow_bucket_creation=True).create_dir("sweeps")
+    yield f"s3://sweeps/raymeta?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.mark.ray
+def test_sweep_into_s3_and_summary_from_it(tmp_path, s3_server):
+    (tmp_path / "mini.yaml").write_text(textwrap.dedent(f"""
+        name: s3mini
+        store: "{s3_server}"
+        base:
+          dataset: {{name: digits}}
+          model: {{name: mlp, options: {{hidden: [32]}}}}
+          train: {{epochs: 2, batch_size: 128}}
+        grid:
+          noise: [{{type: none}}, {{type: uniform, rate: 0.4}}]
+        """))
+    proc = raymeta("sweep", "mini.yaml", cwd=tmp_path)
+    assert "2 completed, 0 failed" in proc.stdout
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "s3:").exists()
+    summary = raymeta("results", "summary", "--sweep", "s3mini", "--store", s3_server, cwd=tmp_path)
+    assert "clean" in summary.stdout and "uniform 0.4" in summary.stdout and "(1)" in summary.stdout
+    import pyarrow.fs as pafs
+
+    fs, base = pafs.FileSystem.from_uri(s3_server)
+    names = {i.path.removeprefix(base) for i in
+             fs.get_file_info(pafs.FileSelector(base, recursive=True))}
+    assert len([n for n in names if n.startswith("/trials/sweep=s3mini/")]) == 2
+    assert any(n.startswith("/tune/s3mini/") for n in names)  # Tune's own state, for --resume

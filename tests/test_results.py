@@ -57,14 +57,18 @@ def test_summary_is_mean_std_n_in_percent(tmp_path):
     cells = {r["method"]: r for r in table.iter_rows(named=True)}
     std = 100 * math.sqrt(((0.80 - 0.75) ** 2 + (0.70 - 0.75) ** 2) / 1)
     assert cells["ce"]["uniform 0.4"] == f"75.00 ± {std:.2f} (2)" == "75.00 ± 7.07 (2)"
-    assert cells["mwnet"]["uniform 0.4"] == "88.00 ± 2.00 (3)"
-    assert cells["ce"]["clean"] == "97.00 ± 1.41 (2)"
+    assert cells["mwnet"]["uniform 0.4"] == "**88.00 ± 2.00 (3)**"  # the column's best
+    assert cells["ce"]["clean"] == "**97.00 ± 1.41 (2)**"
     assert cells["mwnet"]["clean"] is None
-    peak = query.summary(query.load(str(tmp_path), "trials", "s"), metric="peak")
+    peak = query.summary(query.load(str(tmp_path), "trials", "s"), metric="peak", mark_best=False)
     assert {r["method"]: r for r in peak.iter_rows(named=True)}["mwnet"]["uniform 0.4"] == "89.00 ± 2.00 (3)"
     text = query.render(table)
-    assert "mwnet" in text and "88.00 ± 2.00 (3)" in text
+    assert "mwnet" in text and "88.00 ± 2.00 (3) *" in text and "75.00 ± 7.07 (2) " in text
     assert query.render(table, "markdown").startswith("| method | clean | uniform 0.4 |")
+    assert "88.00 ± 2.00 (3) *" in query.render(table, "csv")
+    latex = query.render(table, "latex")
+    assert "\\textbf{88.00 $\\pm$ 2.00 (3)}" in latex and latex.startswith("\\begin{tabular}{lcc}")
+    assert latex.rstrip().endswith("\\end{tabular}")
 
 
 def test_famus_rows_get_a_suffix(tmp_path):
@@ -97,3 +101,54 @@ def test_unknown_sweep_and_column_are_clear_errors(tmp_path):
         query.load(str(tmp_path), "trials", "nope")
     with pytest.raises(ConfigError, match="unknown results column"):
         query.summary(query.load(str(tmp_path), "trials", "s"), by=["methd"])
+
+
+def test_reads_stay_right_as_trials_are_added_replaced_and_removed(tmp_path):
+    """Queries read a compacted copy plus the trial files that changed since."""
+    store = str(tmp_path)
+    fill(store)
+    assert len(query.load(store, "trials", "s")) == 7  # first read writes the compacted copy
+    assert (tmp_path / "_compact" / "trials" / "s.parquet").exists()
+    write_trial(store, "s", "ce-none-0", row("ce", "none", 0.0, 0, 0.5), [{"epoch": 0, "test_acc": 0.5}])
+    write_trial(store, "s", "new", row("l2r", "none", 0.0, 0, 0.9), [{"epoch": 0, "test_acc": 0.9}])
+    (tmp_path / "trials" / "sweep=s" / "ce-uniform-1.parquet").unlink()
+    (tmp_path / "curves" / "sweep=s" / "ce-uniform-1.parquet").unlink()
+    for _ in range(2):  # after the refresh, and from the refreshed copy
+        trials = query.load(store, "trials", "s")
+        assert sorted(trials["trial_id"]) == sorted(["ce-none-0", "ce-none-1", "ce-uniform-0",
+                                                     "mwnet-uniform-0", "mwnet-uniform-1",
+                                                     "mwnet-uniform-2", "new"])
+        assert trials.filter(pl.col("trial_id") == "ce-none-0")["final_test_acc"].item() == 0.5
+        curves = query.load(store, "curves", "s")
+        assert len(curves) == 3 * 5 + 1 + 1 and "_source" not in curves.columns
+
+
+def test_ablation_curves_and_speed(tmp_path):
+    store = str(tmp_path)
+    for i, (method, famus, per_class, acc, ms) in enumerate(
+            [("mwnet", False, 5, 0.80, 40.0), ("mwnet", False, 50, 0.90, 40.0),
+             ("mwnet", True, 5, 0.78, 20.0), ("ce", False, 5, 0.70, 10.0)]):
+        values = {**row(method, "uniform", 0.4, 0, acc), "method.famus": famus,
+                  "meta_set.per_class": per_class, "model.name": "mlp", "ms_per_step": ms,
+                  "meta_step_share": 0.5, "peak_memory_mb": 100.0}
+        write_trial(store, "a", f"t{i}", values,
+                    [{"epoch": e, "test_acc": acc * (e + 1) / 2} for e in range(2)])
+    trials = query.load(store, "trials", "a")
+    table = query.ablation(trials, "meta_set.per_class")
+    assert table.columns == ["method", "5", "50"]
+    cells = {r["method"]: r for r in table.iter_rows(named=True)}
+    assert cells["mwnet"]["50"] == "**90.00 ± 0.00 (1)**" and cells["mwnet+famus"]["50"] is None
+    with pytest.raises(ConfigError, match="unknown results column 'meta.per_class'"):
+        query.ablation(trials, "meta.per_class")
+
+    chosen = query.curves(store, trial_ids=["t1"], metrics=["test_acc"])
+    assert chosen["test_acc"].to_list() == [0.45, 0.9] and chosen["epoch"].to_list() == [0, 1]
+    mean = query.curves(store, metrics=["test_acc"], by=["method"])
+    ce = mean.filter(pl.col("method") == "ce")
+    assert ce["test_acc_mean"].to_list() == [0.35, 0.7] and ce["trials"].to_list() == [1, 1]
+    assert mean.filter(pl.col("method") == "mwnet")["trials"].to_list() == [2, 2]
+
+    speed = {(r["method.name"], r["famus"]): r for r in query.speed(trials).iter_rows(named=True)}
+    assert speed[("mwnet", True)]["speedup_step"] == 2.0  # 40 ms full vs 20 ms with FaMUS
+    assert speed[("mwnet", True)]["speedup_meta_step"] == 2.0
+    assert speed[("ce", False)]["ms_per_step"] == 10.0

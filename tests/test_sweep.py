@@ -56,3 +56,57 @@ def test_sweep_writes_rows_curves_and_failures(ray_session, tmp_path):
     for trial_id in done["trial_id"]:
         lines = (tune_dir / trial_id / "result.json").read_text().strip().splitlines()
         assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+
+
+RESUMABLE = """
+name: resumable
+store: out
+base:
+  dataset: {name: digits}
+  model: {name: mlp, options: {hidden: [32]}}
+  meta_set: {per_class: 5}
+  train: {epochs: 3, batch_size: 64}
+grid:
+  method.name: [ce, mwnet]
+  noise: [{type: uniform, rate: 0.4}, {type: flip_to_one, rate: 0.4}]
+  seed: [0, 1, 2]
+resources: {cpus_per_trial: 1, max_concurrent_trials: 2}
+"""
+
+
+def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
+    """Kill the driver (and its local Ray) mid-sweep, then `raymeta sweep --resume`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    (tmp_path / "sweep.yaml").write_text(RESUMABLE)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "raymeta.cli", "sweep", "sweep.yaml"]
+    rows = tmp_path / "out" / "trials" / "sweep=resumable"
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(rows.glob("*.parquet"))) >= 4:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.wait()
+    before = query.load(str(tmp_path / "out"), "trials", "resumable")
+    assert 4 <= len(before) < 12
+    finished = dict(zip(before["trial_id"], before["finished_at"]))
+
+    done = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = query.load(str(tmp_path / "out"), "trials", "resumable")
+    assert len(trials) == 12 and trials["trial_id"].n_unique() == 12
+    assert (trials["status"] == "completed").all()
+    after = dict(zip(trials["trial_id"], trials["finished_at"]))
+    assert all(after[t] == finished[t] for t in finished)  # finished trials were not rerun
+    curves = query.load(str(tmp_path / "out"), "curves", "resumable")
+    assert curves.group_by("trial_id").agg(pl.col("epoch").sort())["epoch"].to_list() == [[0, 1, 2]] * 12

@@ -19,6 +19,7 @@ import tempfile
 from raymeta.config import ExperimentConfig, ResourcesConfig
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.orchestrate.trial import trial_row, write_completed, write_failed
+from raymeta.results.store import store_join
 
 CONTROLLER_FAILURE_LIMIT = 3
 """Ray Train's own retries (e.g. workers that cannot be placed) before the run fails, instead
@@ -31,7 +32,7 @@ class TrialFailed(RaymetaError):
 
 def train_storage(store: str, sweep: str) -> str:
     """Where Ray Train keeps the checkpoints of a sweep's multi-worker trials."""
-    return f"{store.rstrip('/')}/train/{sweep}"
+    return store_join(store, "train", sweep)
 
 
 def _worker_loop(config: dict) -> dict:
@@ -79,14 +80,16 @@ def _worker_loop(config: dict) -> dict:
 
 
 def fit_distributed(cfg: ExperimentConfig, resources: ResourcesConfig, *, store: str, sweep: str,
-                    trial_id: str, extra: dict | None = None, callbacks: list | None = None) -> dict:
+                    trial_id: str, extra: dict | None = None, callbacks: list | None = None,
+                    driver_cpus: float = 0.0) -> dict:
     """Train `cfg` on `resources.workers_per_trial` Ray Train workers (Ray must be running);
-    returns rank 0's summary. Raises TrialFailed after writing the failed row."""
+    returns rank 0's summary. Raises TrialFailed after writing the failed row. `driver_cpus`:
+    what the calling Tune trial reserves of cpus_per_trial itself."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = resources.gpus_per_trial > 0
-    per_worker = {k: v for k, v in resources.per_worker().items() if v > 0}
+    per_worker = {k: v for k, v in resources.per_worker(driver_cpus).items() if v > 0}
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "store": store,

@@ -37,6 +37,17 @@ def start_ray(address: str | None, gpus_needed: float = 0.0, what: str = "this r
     ray.init(log_to_driver=False, configure_logging=True, logging_level="WARNING")
 
 
+def check_fits(cpus: float, gpus: float, what: str) -> None:
+    """A request that the running Ray cannot ever hold fails now, not after minutes of
+    retries. (A cluster that autoscales may grow: joined clusters are not checked.)"""
+    capacity = cluster_capacity()
+    if cpus > capacity["CPU"] + 1e-9 or gpus > capacity["GPU"] + 1e-9:
+        raise ConfigError(f"{what} needs {cpus:g} CPUs and {gpus:g} GPUs per trial, but this "
+                          f"Ray has {capacity['CPU']:g} CPUs and {capacity['GPU']:g} GPUs; lower "
+                          f"resources.cpus_per_trial / workers_per_trial, or pass --address of a "
+                          f"larger cluster")
+
+
 def cluster_capacity() -> dict[str, float]:
     """CPUs and GPUs of the running Ray cluster."""
     import ray

@@ -16,12 +16,13 @@ import time
 
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.orchestrate.grid import Cell
-from raymeta.orchestrate.runtime import cluster_capacity, start_ray
+from raymeta.orchestrate.runtime import check_fits, cluster_capacity, start_ray
 from raymeta.orchestrate.trial import run_trial
-from raymeta.results.store import resolve_store
+from raymeta.results.store import completed_digest, resolve_store, store_join
 
 DRIVER_CPUS = 0.01
-"""what the Tune trial of a multi-worker run reserves itself: it only waits on its workers"""
+"""what the Tune trial of a multi-worker run reserves itself (out of cpus_per_trial; the
+workers share the rest): it only waits on its workers"""
 
 
 def _tune_trial(config: dict) -> None:
@@ -31,6 +32,9 @@ def _tune_trial(config: dict) -> None:
     cell = config["cell"]
     cfg = ExperimentConfig.model_validate(cell["experiment"])
     resources = ResourcesConfig.model_validate(config["resources"])
+    if (not config.get("rerun")
+            and completed_digest(config["store"], config["sweep"], cell["trial_id"]) == cfg.digest()):
+        return  # it finished before the sweep was interrupted: its rows are in the store
     if resources.workers_per_trial > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -38,6 +42,7 @@ def _tune_trial(config: dict) -> None:
 
         fit_distributed(cfg, resources, store=config["store"], sweep=config["sweep"],
                         trial_id=cell["trial_id"], callbacks=[TuneReportCallback()],
+                        driver_cpus=DRIVER_CPUS,
                         extra={"tune_trial_id": ray.tune.get_context().get_trial_id()})
         return
 
@@ -79,7 +84,8 @@ def _progress_callback(total: int):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             result = trial.last_result or {}
-            self._line(trial, f"test_acc {result.get('test_acc', float('nan')):.4f}")
+            self._line(trial, f"test_acc {result['test_acc']:.4f}" if "test_acc" in result
+                       else "already completed (rows in the store)")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
@@ -106,19 +112,32 @@ def max_concurrent(resources: ResourcesConfig) -> int | None:
 
 
 def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
-              resume: bool = False) -> int:
-    """Run the cells with Ray Tune; returns the number of failed trials."""
+              resume: bool = False, rerun: bool = False) -> int:
+    """Run the cells with Ray Tune; returns the number of failed trials. Cells whose completed
+    rows (with the same config) are already in the store are skipped unless `rerun`."""
     import ray.tune
 
     store = resolve_store(spec.store)
-    storage_path = f"{store.rstrip('/')}/tune"
+    if not rerun and not resume:
+        todo = [c for c in cells
+                if completed_digest(store, spec.name, c.trial_id) != c.config.digest()]
+        if len(todo) < len(cells):
+            print(f"{len(cells) - len(todo)} of {len(cells)} trials already have completed rows "
+                  f"in {store}; skipping them (--rerun trains them again)", flush=True)
+        cells = todo
+        if not cells:
+            return 0
+    storage_path = store_join(store, "tune")
     start_ray(address, spec.resources.gpus_per_trial, f"sweep '{spec.name}'")
+    if not address:
+        check_fits(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial,
+                   f"sweep '{spec.name}'")
     if spec.resources.workers_per_trial > 1:  # the workers reserve the resources, not the trial
         resources = {"cpu": DRIVER_CPUS}
     else:
         resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     trainable = ray.tune.with_resources(_tune_trial, resources)
-    experiment = f"{storage_path}/{spec.name}"
+    experiment = store_join(store, "tune", spec.name)
     callbacks = [_progress_callback(len(cells))]
     if resume and ray.tune.Tuner.can_restore(experiment):
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
@@ -126,7 +145,7 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
     else:
         if resume:
             print(f"nothing to resume at {experiment}; starting the sweep", file=sys.stderr)
-        param_space = {"store": store, "sweep": spec.name,
+        param_space = {"store": store, "sweep": spec.name, "rerun": rerun,
                        "resources": spec.resources.model_dump(mode="json"),
                        "cell": ray.tune.grid_search(
                            [{"trial_id": c.trial_id, "experiment": c.config.model_dump(mode="json")}

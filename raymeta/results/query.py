@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import sys
+import uuid
 from collections.abc import Sequence
 
 import polars as pl
@@ -26,28 +30,78 @@ def list_sweeps(store: str) -> list[str]:
 def load(store: str, table: str = "trials", sweep: str | None = None) -> pl.DataFrame:
     """All rows of a table (trials or curves), for one sweep or every sweep, with a `sweep`
     column. A file that cannot be read is reported on stderr and skipped."""
-    fs, base = filesystem(store)
     sweeps = [sweep] if sweep else list_sweeps(store)
-    frames = []
-    for name in sweeps:
-        folder = f"{base.rstrip('/')}/{table}/sweep={name}"
-        infos = fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True))
-        for info in sorted(infos, key=lambda i: i.path):
-            if info.type != pafs.FileType.File or not info.base_name.endswith(".parquet"):
-                continue
-            try:
-                frame = pl.from_arrow(pq.read_table(info.path, filesystem=fs))
-            except Exception as err:  # a damaged or foreign file must not hide the others
-                print(f"warning: skipped unreadable results file {info.path}: {err}",
-                      file=sys.stderr)
-                continue
-            frames.append(frame.with_columns(pl.lit(name).alias("sweep")))
+    frames = [frame for name in sweeps if (frame := _load_sweep(store, table, name)) is not None]
     if not frames:
         where = f"sweep '{sweep}'" if sweep else "any sweep"
         known = list_sweeps(store)
         hint = f"; sweeps in this store: {', '.join(known)}" if known else ""
         raise ConfigError(f"no {table} results for {where} in store {store}{hint}")
     return with_method_label(pl.concat(frames, how="diagonal_relaxed"))
+
+
+def _read_file(fs: pafs.FileSystem, path: str) -> pl.DataFrame | None:
+    try:
+        return pl.from_arrow(pq.read_table(path, filesystem=fs))
+    except Exception as err:  # a damaged or foreign file must not hide the others
+        print(f"warning: skipped unreadable results file {path}: {err}", file=sys.stderr)
+        return None
+
+
+def _load_sweep(store: str, table: str, sweep: str) -> pl.DataFrame | None:
+    """One sweep's rows of a table. The per-trial files are the truth (each written atomically
+    by its trial, so trials never contend); reading thousands of small files is slow, so the
+    rows are also kept in one compacted file per sweep and table, `_compact/<table>/<sweep>`,
+    with the name, size and mtime of every trial file it holds. A read takes the compacted
+    rows of unchanged files and reads only new or changed files, then refreshes the
+    compacted file (best effort: a read-only store just reads)."""
+    fs, base = filesystem(store)
+    base = base.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(f"{base}/{table}/sweep={sweep}", allow_not_found=True))
+    files = {i.base_name: [i.size, i.mtime_ns] for i in infos
+             if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")}
+    compact_path = f"{base}/_compact/{table}/{sweep}.parquet"
+    held, compact = {}, None
+    try:
+        meta = pq.read_schema(compact_path, filesystem=fs).metadata or {}
+        held = json.loads(meta.get(b"raymeta_sources", b"{}"))
+    except (FileNotFoundError, OSError, ValueError):
+        pass
+    keep = {name for name, stamp in held.items() if files.get(name) == stamp}
+    if keep:
+        compact = pl.from_arrow(pq.read_table(compact_path, filesystem=fs))
+        if len(keep) < len(held):
+            compact = compact.filter(pl.col("_source").is_in(sorted(keep)))
+    frames = [compact] if compact is not None else []
+    fresh = sorted(set(files) - keep)
+    for name in fresh:
+        frame = _read_file(fs, f"{base}/{table}/sweep={sweep}/{name}")
+        if frame is not None:
+            frames.append(frame.with_columns(pl.lit(name).alias("_source")))
+        else:
+            files.pop(name)
+    if not frames:
+        return None
+    rows = pl.concat(frames, how="diagonal_relaxed")
+    if fresh or len(keep) < len(held):
+        _write_compact(fs, compact_path, rows, {n: files[n] for n in files})
+    return rows.drop("_source").with_columns(pl.lit(sweep).alias("sweep"))
+
+
+def _write_compact(fs: pafs.FileSystem, path: str, rows: pl.DataFrame, sources: dict) -> None:
+    data = rows.to_arrow()
+    data = data.replace_schema_metadata({"raymeta_sources": json.dumps(sources)})
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            pq.write_table(data, tmp)
+            os.replace(tmp, path)
+        else:
+            with fs.open_output_stream(path) as out:
+                pq.write_table(data, out)
+    except OSError as err:  # read-only store: queries still work, only slower
+        print(f"note: could not cache results in {path}: {err}", file=sys.stderr)
 
 
 def with_method_label(frame: pl.DataFrame) -> pl.DataFrame:
@@ -66,9 +120,10 @@ def _column_label(noise_type: str, rate: float) -> str:
 
 def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
             columns: Sequence[str] = ("noise.type", "noise.rate"),
-            metric: str = "final") -> pl.DataFrame:
+            metric: str = "final", mark_best: bool = True) -> pl.DataFrame:
     """Mean ± std (over seeds) of a metric, in percent: one row per `by`, one column per
-    noise setting. Cells read `mean ± std (n)`."""
+    noise setting. Cells read `mean ± std (n)`; the best of each column is marked (bold in
+    markdown and latex, a trailing * in text and csv)."""
     metric_col = METRICS.get(metric, metric)
     missing = [c for c in [*by, *columns, metric_col] if c not in trials.columns]
     if missing:
@@ -90,8 +145,13 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
         return_dtype=pl.String).alias("setting"))
     text = pl.struct("mean", "std", "n").map_elements(
         lambda c: f"{c['mean']:.2f} ± {c['std'] or 0.0:.2f} ({c['n']})", return_dtype=pl.String)
-    order = cells.select(label)["setting"].unique(maintain_order=True).to_list()
-    table = (cells.with_columns(label, text.alias("cell"))
+    cells = cells.with_columns(label, text.alias("cell"))
+    if mark_best:  # the best mean of each column, as papers set it in bold
+        best = pl.col("mean") == pl.col("mean").max().over("setting")
+        cells = cells.with_columns(pl.when(best).then(BEST[0] + pl.col("cell") + BEST[1])
+                                   .otherwise(pl.col("cell")).alias("cell"))
+    order = cells["setting"].unique(maintain_order=True).to_list()
+    table = (cells
              .pivot(on="setting", index=list(by), values="cell")
              .sort(list(by)))
     for key in ("method", "method.name"):
@@ -100,12 +160,86 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
     return table.select([*by, *order])
 
 
+BEST = ("**", "**")
+"""how summary() marks a column's best cell (markdown bold; render() converts it)"""
+
+
+def ablation(trials: pl.DataFrame, key: str, metric: str = "final",
+             by: Sequence[str] = ("method",)) -> pl.DataFrame:
+    """The metric as a function of any config key (columns: its values), per method and per
+    noise setting when the trials have several."""
+    if key not in trials.columns:
+        raise ConfigError(f"unknown results column '{key}'; config keys are dotted, e.g. "
+                          f"meta_set.per_class, method.meta_interval, famus.k")
+    rows = list(by) + [c for c in ("noise.type", "noise.rate")
+                       if c in trials.columns and c != key and trials[c].n_unique() > 1]
+    table = summary(trials, by=rows, columns=[key], metric=metric)
+    values = sorted(trials[key].drop_nulls().unique().to_list())
+    return table.select([*rows, *[str(v) for v in values if str(v) in table.columns]])
+
+
+def speed(trials: pl.DataFrame, by: Sequence[str] = ("method.name", "model.name")) -> pl.DataFrame:
+    """Cost per method and model: ms per step, share of time in the meta step, peak memory,
+    and for FaMUS rows the speed-up of the meta step over the full method (full / FaMUS)."""
+    done = trials.filter(pl.col("status") == "completed") if "status" in trials.columns else trials
+    famus = pl.col("method.famus").fill_null(False) if "method.famus" in done.columns else pl.lit(False)
+    costs = (done.with_columns(famus.alias("famus"))
+             .group_by([*by, "famus"])
+             .agg(pl.col("ms_per_step").mean().round(2),
+                  pl.col("meta_step_share").mean().round(3),
+                  (pl.col("ms_per_step") * pl.col("meta_step_share")).mean().round(2)
+                  .alias("meta_ms_per_step"),
+                  pl.col("peak_memory_mb").max().round(0), pl.len().alias("trials")))
+    full = costs.filter(~pl.col("famus")).select(
+        *by, pl.col("ms_per_step").alias("full_ms"), pl.col("meta_ms_per_step").alias("full_meta_ms"))
+    return (costs.join(full, on=list(by), how="left")
+            .with_columns((pl.col("full_ms") / pl.col("ms_per_step")).round(2).alias("speedup_step"),
+                          (pl.col("full_meta_ms") / pl.col("meta_ms_per_step")).round(2)
+                          .alias("speedup_meta_step"))
+            .drop("full_ms", "full_meta_ms")
+            .sort([*by, "famus"]))
+
+
+def curves(store: str, *, sweep: str | None = None, trial_ids: Sequence[str] | None = None,
+           metrics: Sequence[str] = ("test_acc",), by: Sequence[str] | None = None) -> pl.DataFrame:
+    """Per-epoch curves: of chosen trials (one row per trial and epoch), or averaged over
+    trials grouped `by` results columns (e.g. method; mean and std per epoch)."""
+    rows = load(store, "curves", sweep).lazy()
+    if trial_ids:
+        rows = rows.filter(pl.col("trial_id").is_in(list(trial_ids)))
+    missing = [m for m in metrics if m not in rows.collect_schema().names()]
+    if missing:
+        raise ConfigError(f"unknown curve metric(s): {', '.join(missing)}; available: "
+                          f"{', '.join(sorted(rows.collect_schema().names()))}")
+    if not by:
+        return rows.select("sweep", "trial_id", "epoch", *metrics).sort("trial_id", "epoch").collect()
+    trials = load(store, "trials", sweep).lazy().select("sweep", "trial_id", *by)
+    joined = rows.join(trials, on=["sweep", "trial_id"])
+    aggs = [agg for m in metrics
+            for agg in (pl.col(m).mean().alias(f"{m}_mean"), pl.col(m).std().alias(f"{m}_std"))]
+    return (joined.group_by([*by, "epoch"]).agg(*aggs, pl.len().alias("trials"))
+            .sort([*by, "epoch"]).collect())
+
+
 def render(table: pl.DataFrame, fmt: str = "text") -> str:
-    """The table as aligned text, markdown or csv."""
+    """The table as aligned text, markdown, csv or latex (booktabs)."""
     header = table.columns
-    rows = [["" if v is None else str(v) for v in row] for row in table.iter_rows()]
+    rows = [["" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row]
+            for row in table.iter_rows()]
+    bold = re.escape(BEST[0]) + "(.*?)" + re.escape(BEST[1])
+    if fmt == "latex":
+        def tex(v: str) -> str:
+            v = v.replace("_", "\\_").replace("±", "$\\pm$").replace("%", "\\%")
+            return re.sub(bold, r"\\textbf{\1}", v)
+
+        lines = ["\\begin{tabular}{l" + "c" * (len(header) - 1) + "}", "\\toprule",
+                 " & ".join(tex(h) for h in header) + " \\\\", "\\midrule"]
+        lines += [" & ".join(tex(v) for v in r) + " \\\\" for r in rows]
+        return "\n".join([*lines, "\\bottomrule", "\\end{tabular}"])
+    if fmt != "markdown":  # text and csv mark the best cell with a trailing *
+        rows = [[re.sub(bold, r"\1 *", v) for v in r] for r in rows]
     if fmt == "csv":
-        return table.write_csv()
+        return pl.DataFrame(rows, schema=header, orient="row").write_csv()
     if fmt == "markdown":
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]

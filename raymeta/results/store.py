@@ -31,6 +31,15 @@ def resolve_store(store: str | os.PathLike) -> str:
     return str(Path(text).expanduser().resolve())
 
 
+def store_join(store: str, *parts: str) -> str:
+    """A path or URI under the store; a URI's query (e.g. ?endpoint_override=host:port for
+    an S3-compatible server) stays at the end, where Ray and pyarrow read it."""
+    store = resolve_store(store)
+    location, query = store.split("?", 1) if "?" in store else (store, "")
+    joined = "/".join([location.rstrip("/"), *parts])
+    return f"{joined}?{query}" if query else joined
+
+
 def filesystem(store: str) -> tuple[pafs.FileSystem, str]:
     """pyarrow filesystem and base path for a store (local path or URI)."""
     store = resolve_store(store)
@@ -75,3 +84,14 @@ def write_trial(store: str, sweep: str, trial_id: str, row: dict, curves: list[d
     if tagged:
         write_rows(store, "curves", sweep, trial_id, tagged)
     write_rows(store, "trials", sweep, trial_id, [{"trial_id": trial_id, **row}])
+
+
+def completed_digest(store: str, sweep: str, trial_id: str) -> str | None:
+    """The config digest of a trial's completed row, or None (no row, failed, unreadable)."""
+    fs, _ = filesystem(store)
+    path = f"{table_dir(store, 'trials', sweep)}/{trial_id}.parquet"
+    try:
+        row = pq.read_table(path, filesystem=fs, columns=["status", "config_digest"]).to_pylist()
+    except (OSError, ValueError, KeyError, pa.ArrowInvalid):
+        return None
+    return row[0]["config_digest"] if row and row[0]["status"] == "completed" else None
