@@ -75,7 +75,8 @@ def test_sweep_command_prints_the_summary(tmp_path):
         """))
     proc = raymeta("sweep", "mini.yaml", cwd=tmp_path)
     assert "sweep 'mini': 2 trials" in proc.stdout
-    assert "[2/2]" in proc.stdout and "2 completed, 0 failed" in proc.stdout
+    assert "[2/2 done, 0 running, 0 failed, 0 pending" in proc.stdout
+    assert "2 completed, 0 failed" in proc.stdout
     assert "clean" in proc.stdout and "flip_to_one 0.4" in proc.stdout
     assert len(list((tmp_path / "out" / "trials" / "sweep=mini").glob("*.parquet"))) == 2
 

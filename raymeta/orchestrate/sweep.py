@@ -74,22 +74,24 @@ def _progress_callback(total: int):
             self.done = self.failed = 0
             self.started = time.monotonic()
 
-        def _line(self, trial, text: str) -> None:
+        def _line(self, trials, trial, text: str) -> None:
             finished = self.done + self.failed
+            running = sum(t.status == "RUNNING" for t in trials)
             elapsed = time.monotonic() - self.started
             eta = elapsed / finished * (total - finished) if finished else 0.0
-            print(f"[{finished}/{total}] {trial.config['cell']['trial_id']}: {text} "
-                  f"(elapsed {elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
+            print(f"[{finished}/{total} done, {running} running, {self.failed} failed, "
+                  f"{total - finished - running} pending; {elapsed:.0f}s, eta {eta:.0f}s] "
+                  f"{trial.config['cell']['trial_id']}: {text}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             result = trial.last_result or {}
-            self._line(trial, f"test_acc {result['test_acc']:.4f}" if "test_acc" in result
+            self._line(trials, trial, f"test_acc {result['test_acc']:.4f}" if "test_acc" in result
                        else "already completed (rows in the store)")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
-            self._line(trial, "FAILED (see `raymeta results failed`)")
+            self._line(trials, trial, "FAILED (see `raymeta results failed`)")
 
     return Progress()
 
