@@ -250,6 +250,43 @@ def curves(sweep_name: str | None, store: str, trial_ids: tuple[str, ...], metri
 
 
 @results.command()
+@click.argument("kind", type=click.Choice(["noise", "ablation", "curves"]))
+@click.argument("key", required=False)
+@_sweep_option
+@_store_option
+@click.option("--metric", default="final", show_default=True,
+              help="noise/ablation: final | peak | best_meta | a results column; "
+                   "curves: a curve column (e.g. test_acc, meta_acc)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="PNG file [default: plots/<sweep>-<kind>.png]")
+def plot(kind: str, key: str | None, sweep_name: str | None, store: str, metric: str,
+         out: str | None) -> None:
+    """Write a PNG: accuracy vs noise rate (noise), vs a config KEY (ablation KEY), or
+    per-epoch curves (curves); mean ± std over seeds, one line per method."""
+    from raymeta.results import plots, query
+
+    out = out or f"plots/{sweep_name or 'all'}-{kind}{'-' + key if key else ''}.png"
+    if kind == "curves":
+        metric = "test_acc" if metric == "final" else metric
+        table = query.curves(store, sweep=sweep_name, metrics=[metric],
+                             by=["method", "noise.type", "noise.rate"])
+        path = plots.accuracy_curves(table, out, metric)
+    else:
+        trials = query.load(store, "trials", sweep_name)
+        if kind == "noise":
+            import polars as pl
+
+            trials = trials.filter(pl.col("noise.type") != "none")
+            path = plots.metric_against(trials, "noise.rate", out, metric)
+        else:
+            if not key:
+                raise click.UsageError("plot ablation needs a config KEY, e.g. meta_set.per_class")
+            path = plots.metric_against(trials, key, out, metric,
+                                        panels=("noise.type", "noise.rate"))
+    click.echo(f"wrote {path}")
+
+
+@results.command()
 @_sweep_option
 @_store_option
 def failed(sweep_name: str | None, store: str) -> None:

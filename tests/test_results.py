@@ -152,3 +152,22 @@ def test_ablation_curves_and_speed(tmp_path):
     assert speed[("mwnet", True)]["speedup_step"] == 2.0  # 40 ms full vs 20 ms with FaMUS
     assert speed[("mwnet", True)]["speedup_meta_step"] == 2.0
     assert speed[("ce", False)]["ms_per_step"] == 10.0
+
+
+def test_plots_are_written(tmp_path):
+    from PIL import Image
+
+    from raymeta.results import plots
+
+    store = str(tmp_path)
+    fill(store)
+    trials = query.load(store, "trials", "s")
+    noisy = trials.filter(pl.col("noise.type") != "none")
+    path = plots.metric_against(noisy, "noise.rate", tmp_path / "p" / "noise.png")
+    curves = query.curves(store, metrics=["test_acc"], by=["method", "noise.type", "noise.rate"])
+    second = plots.accuracy_curves(curves, tmp_path / "p" / "curves.png")
+    for png in (path, second):
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
+    with pytest.raises(ConfigError, match="unknown results column"):
+        plots.metric_against(noisy, "meta_set.per_class", tmp_path / "x.png")

@@ -10,6 +10,7 @@ concurrent trials is set from the cluster's resources.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -68,20 +69,27 @@ def _progress_callback(total: int):
     import ray.tune
 
     class Progress(ray.tune.Callback):
-        """One line per finished trial instead of Tune's tables."""
+        """Instead of Tune's tables: one live line on a terminal (rewritten in place; failures
+        keep their own line), one line per finished trial in a log file."""
 
         def __init__(self):
             self.done = self.failed = 0
             self.started = time.monotonic()
 
-        def _line(self, trials, trial, text: str) -> None:
+        def _line(self, trials, trial, text: str, keep: bool = False) -> None:
             finished = self.done + self.failed
             running = sum(t.status == "RUNNING" for t in trials)
             elapsed = time.monotonic() - self.started
             eta = elapsed / finished * (total - finished) if finished else 0.0
-            print(f"[{finished}/{total} done, {running} running, {self.failed} failed, "
-                  f"{total - finished - running} pending; {elapsed:.0f}s, eta {eta:.0f}s] "
-                  f"{trial.config['cell']['trial_id']}: {text}", flush=True)
+            line = (f"[{finished}/{total} done, {running} running, {self.failed} failed, "
+                    f"{total - finished - running} pending; {elapsed:.0f}s, eta {eta:.0f}s] "
+                    f"{trial.config['cell']['trial_id']}: {text}")
+            if sys.stdout.isatty() and not keep:
+                width = shutil.get_terminal_size().columns - 1
+                end = "\n" if finished == total else ""
+                print(f"\r{line[:width]:<{width}}", end=end, flush=True)
+            else:
+                print(("\n" if sys.stdout.isatty() else "") + line, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
@@ -91,7 +99,7 @@ def _progress_callback(total: int):
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
-            self._line(trials, trial, "FAILED (see `raymeta results failed`)")
+            self._line(trials, trial, "FAILED (see `raymeta results failed`)", keep=True)
 
     return Progress()
 

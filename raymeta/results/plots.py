@@ -1,0 +1,99 @@
+"""Figures from the results store (PNG, matplotlib's file-only backend): accuracy against the
+noise rate, against any config key (e.g. the meta-set size), and test-accuracy curves.
+Each shows mean ± std over seeds per method."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from raymeta.errors import ConfigError
+from raymeta.results.query import METRICS
+
+LABELS = {"final": "final test accuracy (%)", "peak": "peak test accuracy (%)",
+          "best_meta": "test accuracy at best meta epoch (%)"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: works on machines without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _completed(trials: pl.DataFrame) -> pl.DataFrame:
+    done = trials.filter(pl.col("status") == "completed") if "status" in trials.columns else trials
+    if done.is_empty():
+        raise ConfigError("no completed trials to plot (see `raymeta results failed`)")
+    return done
+
+
+def metric_against(trials: pl.DataFrame, key: str, out: str | Path, metric: str = "final",
+                   panels: Sequence[str] = ("noise.type",), title: str = "") -> Path:
+    """The metric (mean ± std over seeds) against `key`, one line per method, one panel per
+    value of `panels` (e.g. each noise type)."""
+    column = METRICS.get(metric, metric)
+    done = _completed(trials)
+    missing = [c for c in (key, column, "method", *panels) if c not in done.columns]
+    if missing:
+        raise ConfigError(f"unknown results column(s) {', '.join(missing)} for the plot")
+    panels = [p for p in panels if p != key]
+    groups = (done.group_by(["method", *panels, key])
+              .agg((pl.col(column).mean() * 100).alias("mean"),
+                   (pl.col(column).std().fill_null(0.0) * 100).alias("std"))
+              .sort(key))
+    panel_values = (groups.select(panels).unique().sort(panels).rows() if panels else [()])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panel_values), figsize=(4.5 * len(panel_values), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, values in zip(axes[0], panel_values):
+        part = groups.filter(*(pl.col(p) == v for p, v in zip(panels, values))) if panels else groups
+        for method in sorted(part["method"].unique().to_list(), key=lambda m: (m != "ce", m)):
+            line = part.filter(pl.col("method") == method)
+            ax.errorbar(line[key].to_list(), line["mean"].to_list(), yerr=line["std"].to_list(),
+                        marker="o", capsize=3, label=method)
+        ax.set_title(" ".join(str(v) for v in values) or title)
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(LABELS.get(metric, column))
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _save(fig, out, plt)
+
+
+def accuracy_curves(curves: pl.DataFrame, out: str | Path, metric: str = "test_acc") -> Path:
+    """Per-epoch curves (mean ± std per epoch), one line per method, one panel per setting;
+    `curves` is query.curves(..., by=["method", <setting columns>])."""
+    settings = [c for c in curves.columns if c not in ("method", "epoch", "trials")
+                and not c.startswith(f"{metric}_")]
+    panel_values = curves.select(settings).unique().sort(settings).rows() if settings else [()]
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panel_values), figsize=(4.5 * len(panel_values), 3.6),
+                             squeeze=False, sharey=True)
+    for ax, values in zip(axes[0], panel_values):
+        part = curves.filter(*(pl.col(s) == v for s, v in zip(settings, values))) if settings else curves
+        for method in sorted(part["method"].unique().to_list(), key=lambda m: (m != "ce", m)):
+            line = part.filter(pl.col("method") == method).sort("epoch")
+            mean = (line[f"{metric}_mean"] * 100).to_list()
+            std = (line[f"{metric}_std"].fill_null(0.0) * 100).to_list()
+            ax.plot(line["epoch"].to_list(), mean, label=method)
+            ax.fill_between(line["epoch"].to_list(), [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], alpha=0.2)
+        ax.set_title(" ".join(str(v) for v in values))
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (%)")
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    return _save(fig, out, plt)
+
+
+def _save(fig, out: str | Path, plt) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # keeps the legend beside the panels
+    plt.close(fig)
+    return out
