@@ -373,6 +373,30 @@ class ExperimentConfig(_Config):
 
 
 # -------------------------------------------------------------------------------- sweeps
+class EarlyStoppingConfig(_Config):
+    """Optional early stopping of unpromising trials (ASHA). Off by default: paper replication
+    runs every trial to the end. Trials are compared on a metric of the clean meta set or the
+    training data, never the test set."""
+
+    scheduler: Literal["none", "asha"] = "none"
+    """none, or asha (asynchronous successive halving)"""
+    metric: str = "meta_acc"
+    """per-epoch metric that ranks trials (meta_acc, meta_loss, train_loss, ...)"""
+    mode: Literal["max", "min"] = "max"
+    """whether a larger metric is better"""
+    grace_period: int = Field(5, ge=1)
+    """epochs every trial runs before it can be stopped"""
+    reduction_factor: float = Field(3.0, gt=1.0)
+    """at each rung, about 1 / reduction_factor of the trials go on"""
+
+    @model_validator(mode="after")
+    def _check(self) -> EarlyStoppingConfig:
+        if self.metric.startswith("test_"):
+            raise ValueError(f"early_stopping.metric {self.metric} is a test-set metric: choosing "
+                             f"trials on the test set biases every result; use meta_acc")
+        return self
+
+
 class SweepSpec(_Config):
     """A sweep file: a base experiment and a grid over dotted keys, run as one trial per cell."""
 
@@ -389,6 +413,7 @@ class SweepSpec(_Config):
     exclude: list[dict[str, Any]] = Field(default_factory=list)
     """cells to skip: each entry maps dotted keys to values; a cell matching all is skipped"""
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
 
 
 # ------------------------------------------------------------------------------- helpers

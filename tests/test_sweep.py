@@ -49,7 +49,8 @@ def test_sweep_writes_rows_curves_and_failures(ray_session, tmp_path):
 
     table = query.summary(trials)
     assert table.columns == ["method", "clean", "uniform 0.4"]
-    assert table["clean"].item().endswith("(2)") and table["uniform 0.4"].item().endswith("(2)")
+    assert table["clean"].item() == f"**{table["clean"].item().strip("*")}**"  # the only row: best
+    assert table["clean"].item().strip("*").endswith("(2)") and table["uniform 0.4"].item().strip("*").endswith("(2)")
 
     # Tune saw every epoch of every healthy trial (its own result files)
     tune_dir = Path(tmp_path) / "tune" / "e2e"
@@ -110,3 +111,29 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     assert all(after[t] == finished[t] for t in finished)  # finished trials were not rerun
     curves = query.load(str(tmp_path / "out"), "curves", "resumable")
     assert curves.group_by("trial_id").agg(pl.col("epoch").sort())["epoch"].to_list() == [[0, 1, 2]] * 12
+
+
+def test_asha_stops_bad_trials_and_records_them(ray_session, tmp_path):
+    spec = parse_sweep({
+        "name": "asha", "store": str(tmp_path),
+        "base": tiny_experiment(train={"epochs": 4}),
+        # run one at a time: the good trials set each rung before the bad ones reach it
+        "grid": {"optimizer.lr": [0.1, 0.05, 1.0e-5, 2.0e-5]},
+        "resources": {"max_concurrent_trials": 1},
+        "early_stopping": {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
+    })
+    assert run_sweep(spec, expand(spec)) == 0
+    trials = query.load(str(tmp_path), "trials", "asha")
+    assert len(trials) == 4
+    by_lr = {r["optimizer.lr"]: r for r in trials.iter_rows(named=True)}
+    assert by_lr[0.1]["status"] == "completed" and by_lr[0.1]["epochs_run"] == 4
+    stopped = trials.filter(pl.col("status") == "stopped")
+    assert len(stopped) >= 1 and (stopped["epochs_run"] < 4).all()
+    assert {1.0e-5, 2.0e-5} <= set(stopped["optimizer.lr"])  # the trials that cannot learn
+    curves = query.load(str(tmp_path), "curves", "asha")
+    for row in stopped.iter_rows(named=True):
+        epochs = curves.filter(pl.col("trial_id") == row["trial_id"])["epoch"].sort().to_list()
+        assert epochs == list(range(row["epochs_run"]))
+    assert query.summary(trials, mark_best=False)["clean"].item().endswith(f"({4 - len(stopped)})")
+    with pytest.raises(Exception, match="test-set metric"):
+        parse_sweep({"name": "x", "early_stopping": {"scheduler": "asha", "metric": "test_acc"}})

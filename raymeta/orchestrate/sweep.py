@@ -6,20 +6,27 @@ writes its Parquet rows at the end. A trial with `workers_per_trial > 1` is a Tu
 trainable that builds a Ray Train TorchTrainer (the Train V2 pattern, ray-notes 1.2) whose
 rank-0 metrics are forwarded to Tune; Tune does not see Train's workers, so the number of
 concurrent trials is set from the cluster's resources.
+
+Optional early stopping (`early_stopping.scheduler: asha`) ranks trials on a meta-set or
+training metric per epoch; a stopped trial's rows are written from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import io
 import shutil
 import sys
 import tempfile
 import time
 
+import pyarrow.fs as pafs
+
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.orchestrate.grid import Cell
 from raymeta.orchestrate.runtime import check_fits, cluster_capacity, start_ray
-from raymeta.orchestrate.trial import run_trial
-from raymeta.results.store import completed_digest, resolve_store, store_join
+from raymeta.orchestrate.trial import run_trial, trial_row
+from raymeta.results.store import completed_digest, resolve_store, store_join, write_trial
+from raymeta.train.trainer import curve_outcome
 
 DRIVER_CPUS = 0.01
 """what the Tune trial of a multi-worker run reserves itself (out of cpus_per_trial; the
@@ -78,7 +85,7 @@ def _progress_callback(total: int):
 
         def _line(self, trials, trial, text: str, keep: bool = False) -> None:
             finished = self.done + self.failed
-            running = sum(t.status == "RUNNING" for t in trials)
+            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
             elapsed = time.monotonic() - self.started
             eta = elapsed / finished * (total - finished) if finished else 0.0
             line = (f"[{finished}/{total} done, {running} running, {self.failed} failed, "
@@ -94,14 +101,70 @@ def _progress_callback(total: int):
         def on_trial_complete(self, iteration, trials, trial, **info):
             self.done += 1
             result = trial.last_result or {}
-            self._line(trials, trial, f"test_acc {result['test_acc']:.4f}" if "test_acc" in result
-                       else "already completed (rows in the store)")
+            epochs = trial.config["cell"]["experiment"]["train"]["epochs"]
+            if "test_acc" not in result:
+                text = "already completed (rows in the store)"
+            elif result.get("epoch", epochs - 1) < epochs - 1:
+                text = f"stopped early after epoch {result['epoch']} (meta_acc {result['meta_acc']:.4f})"
+            else:
+                text = f"test_acc {result['test_acc']:.4f}"
+            self._line(trials, trial, text)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
             self._line(trials, trial, "FAILED (see `raymeta results failed`)", keep=True)
 
     return Progress()
+
+
+def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig):
+    """Early stopping ends a trial between two epochs, inside Tune: its own code never gets
+    to write rows. This driver-side callback writes them from the trial's last checkpoint,
+    with status `stopped` (summaries count completed trials only)."""
+    import ray.tune
+
+    class StoppedRows(ray.tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            cell = trial.config["cell"]
+            cfg = ExperimentConfig.model_validate(cell["experiment"])
+            if completed_digest(store, sweep, cell["trial_id"]) == cfg.digest():
+                return  # it ran to the end and wrote its rows
+            state = _last_checkpoint_state(trial, store, sweep, cell["trial_id"], resources)
+            if state is None:
+                return
+            curves = state["curves"]
+            row = {**trial_row(cfg, sweep, {"tune_trial_id": trial.trial_id}),
+                   **curve_outcome(curves), "status": "stopped",
+                   "error": f"stopped early (ASHA) after epoch {len(curves) - 1}",
+                   "train_seconds": state["train_seconds"], "restarts": state.get("restarts", 0),
+                   "world_size": resources.workers_per_trial}
+            write_trial(store, sweep, cell["trial_id"], row, curves)
+
+    return StoppedRows()
+
+
+def _last_checkpoint_state(trial, store, sweep, trial_id, resources) -> dict | None:
+    """The Trainer state in a trial's latest checkpoint: Tune's (one-worker trials) or Ray
+    Train's (multi-worker trials)."""
+    import torch
+
+    from raymeta.train.trainer import CHECKPOINT_FILE
+
+    if resources.workers_per_trial == 1:
+        if trial.checkpoint is None:
+            return None
+        with trial.checkpoint.as_directory() as folder:
+            return torch.load(f"{folder}/{CHECKPOINT_FILE}", weights_only=False)
+    from raymeta.orchestrate.distributed import train_storage
+    from raymeta.results.store import filesystem
+
+    fs, base = filesystem(store_join(train_storage(store, sweep), trial_id))
+    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    epochs = sorted(i.path for i in infos if i.base_name.startswith("epoch="))
+    if not epochs:
+        return None
+    with fs.open_input_file(f"{epochs[-1]}/{CHECKPOINT_FILE}") as source:
+        return torch.load(io.BytesIO(source.read()), weights_only=False)
 
 
 def _trial_name(trial) -> str:
@@ -149,6 +212,17 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
     trainable = ray.tune.with_resources(_tune_trial, resources)
     experiment = store_join(store, "tune", spec.name)
     callbacks = [_progress_callback(len(cells))]
+    scheduler = None
+    stopping = spec.early_stopping
+    if stopping.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        # our own epoch counter, not training_iteration, which restarts after a restore
+        scheduler = ASHAScheduler(time_attr="epoch", metric=stopping.metric, mode=stopping.mode,
+                                  max_t=max(c.config.train.epochs for c in cells),
+                                  grace_period=stopping.grace_period,
+                                  reduction_factor=stopping.reduction_factor)
+        callbacks.append(_stopped_rows_callback(store, spec.name, spec.resources))
     if resume and ray.tune.Tuner.can_restore(experiment):
         tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -163,7 +237,7 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(
-                max_concurrent_trials=max_concurrent(spec.resources),
+                max_concurrent_trials=max_concurrent(spec.resources), scheduler=scheduler,
                 reuse_actors=True,  # skips a process start and a torch import per trial
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=ray.tune.RunConfig(

@@ -70,6 +70,19 @@ class _Generators:
             getattr(self, key).set_state(value)
 
 
+def curve_outcome(curves: list[dict]) -> dict:
+    """What a results row says about the accuracy curves: final, peak, at the best meta epoch."""
+    test = np.array([c["test_acc"] for c in curves])
+    meta = np.array([c["meta_acc"] for c in curves])
+    best_meta = int(len(meta) - 1 - np.argmax(meta[::-1]))  # latest epoch among ties
+    return {"epochs_run": len(curves),
+            "final_test_acc": float(test[-1]), "best_test_acc": float(test.max()),
+            "best_test_epoch": int(np.argmax(test)),
+            "final_meta_acc": float(meta[-1]), "best_meta_epoch": best_meta,
+            "test_acc_at_best_meta": float(test[best_meta]),
+            "final_train_loss": float(curves[-1]["train_loss"])}
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA GPU is visible; use auto or cpu")
@@ -237,20 +250,12 @@ class Trainer:
 
     # ---------------------------------------------------------------------- bookkeeping
     def outcome(self, wall_seconds: float) -> dict:
-        test = np.array([c["test_acc"] for c in self.curves])
-        meta = np.array([c["meta_acc"] for c in self.curves])
-        best_meta = int(len(meta) - 1 - np.argmax(meta[::-1]))  # latest epoch among ties
         if self.device.type == "cuda":
             peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:  # ru_maxrss is in KiB on Linux
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {
-            "epochs_run": len(self.curves),
-            "final_test_acc": float(test[-1]), "best_test_acc": float(test.max()),
-            "best_test_epoch": int(np.argmax(test)),
-            "final_meta_acc": float(meta[-1]), "best_meta_epoch": best_meta,
-            "test_acc_at_best_meta": float(test[best_meta]),
-            "final_train_loss": float(self.curves[-1]["train_loss"]),
+            **curve_outcome(self.curves),
             "wall_seconds": wall_seconds, "train_seconds": self.train_seconds,
             "ms_per_step": 1000.0 * self.train_seconds / max(self.engine.steps, 1),
             "meta_step_share": self.meta_seconds / self.train_seconds if self.train_seconds else 0.0,
