@@ -49,7 +49,8 @@ def test_sweep_writes_rows_curves_and_failures(ray_session, tmp_path):
 
     table = query.summary(trials)
     assert table.columns == ["method", "clean", "uniform 0.4"]
-    assert table["clean"].item() == f"**{table["clean"].item().strip("*")}**"  # the only row: best
+    clean = table["clean"].item()
+    assert clean == f"**{clean.strip('*')}**"  # the only row is the best of its column
     assert table["clean"].item().strip("*").endswith("(2)") and table["uniform 0.4"].item().strip("*").endswith("(2)")
 
     # Tune saw every epoch of every healthy trial (its own result files)
