@@ -14,6 +14,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
+# Tune's new output engine prints its experiment box even when silenced (verbose=0); the
+# classic one is quiet at verbose=0, and our own progress line says what matters
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # a checkpoint every epoch is the design; Tune's warning about frequent snapshots is noise here
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 

@@ -48,9 +48,8 @@ def metric_against(trials: pl.DataFrame, key: str, out: str | Path, metric: str 
               .sort(key))
     panel_values = (groups.select(panels).unique().sort(panels).rows() if panels else [()])
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panel_values), figsize=(4.5 * len(panel_values), 3.6),
-                             squeeze=False, sharey=True)
-    for ax, values in zip(axes[0], panel_values):
+    fig, axes = _grid(plt, len(panel_values))
+    for ax, values in zip(axes, panel_values):
         part = groups.filter(*(pl.col(p) == v for p, v in zip(panels, values))) if panels else groups
         for method in sorted(part["method"].unique().to_list(), key=lambda m: (m != "ce", m)):
             line = part.filter(pl.col("method") == method)
@@ -59,8 +58,7 @@ def metric_against(trials: pl.DataFrame, key: str, out: str | Path, metric: str 
         ax.set_title(" ".join(str(v) for v in values) or title)
         ax.set_xlabel(key)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(LABELS.get(metric, column))
-    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _finish(axes, len(panel_values), LABELS.get(metric, column))
     return _save(fig, out, plt)
 
 
@@ -71,9 +69,8 @@ def accuracy_curves(curves: pl.DataFrame, out: str | Path, metric: str = "test_a
                 and not c.startswith(f"{metric}_")]
     panel_values = curves.select(settings).unique().sort(settings).rows() if settings else [()]
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panel_values), figsize=(4.5 * len(panel_values), 3.6),
-                             squeeze=False, sharey=True)
-    for ax, values in zip(axes[0], panel_values):
+    fig, axes = _grid(plt, len(panel_values))
+    for ax, values in zip(axes, panel_values):
         part = curves.filter(*(pl.col(s) == v for s, v in zip(settings, values))) if settings else curves
         for method in sorted(part["method"].unique().to_list(), key=lambda m: (m != "ce", m)):
             line = part.filter(pl.col("method") == method).sort("epoch")
@@ -85,9 +82,28 @@ def accuracy_curves(curves: pl.DataFrame, out: str | Path, metric: str = "test_a
         ax.set_title(" ".join(str(v) for v in values))
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} (%)")
-    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    _finish(axes, len(panel_values), f"{metric} (%)")
     return _save(fig, out, plt)
+
+
+COLUMNS = 4
+"""panels per row"""
+
+
+def _grid(plt, panels: int):
+    rows, cols = -(-panels // COLUMNS), min(panels, COLUMNS)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.6 * rows), squeeze=False,
+                             sharey=True)
+    return fig, list(axes.ravel())
+
+
+def _finish(axes, panels: int, ylabel: str) -> None:
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    for ax in axes[::COLUMNS]:
+        ax.set_ylabel(ylabel)
+    axes[min(panels, COLUMNS) - 1].legend(fontsize="small", loc="upper left",
+                                          bbox_to_anchor=(1.02, 1.0))
 
 
 def _save(fig, out: str | Path, plt) -> Path:

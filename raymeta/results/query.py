@@ -8,6 +8,7 @@ import re
 import sys
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import polars as pl
 import pyarrow.fs as pafs
@@ -74,8 +75,10 @@ def _load_sweep(store: str, table: str, sweep: str) -> pl.DataFrame | None:
             compact = compact.filter(pl.col("_source").is_in(sorted(keep)))
     frames = [compact] if compact is not None else []
     fresh = sorted(set(files) - keep)
-    for name in fresh:
-        frame = _read_file(fs, f"{base}/{table}/sweep={sweep}/{name}")
+    # many small reads: overlap them (latency-bound on object stores, parsing releases the GIL)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        read = list(pool.map(lambda n: _read_file(fs, f"{base}/{table}/sweep={sweep}/{n}"), fresh))
+    for name, frame in zip(fresh, read):
         if frame is not None:
             frames.append(frame.with_columns(pl.lit(name).alias("_source")))
         else:
