@@ -52,8 +52,9 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
         address: str | None) -> None:
     """Train one experiment: in this process (no Ray), or on --workers Ray Train workers."""
-    from raymeta.config import parse_experiment, set_dotted
+    from raymeta.config import ResourcesConfig, parse_experiment, set_dotted
     from raymeta.orchestrate.grid import absolutize, read_yaml
+    from raymeta.orchestrate.preflight import preflight
     from raymeta.orchestrate.trial import run_trial, trial_id_for
 
     data = read_yaml(config) or {}
@@ -65,13 +66,21 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
     cfg = parse_experiment(data, where=config)
     trial_id = trial_id_for(cfg, data)
     if workers > 1:
-        _run_distributed(cfg, trial_id, store, sweep_name, workers, gpus_per_worker,
-                         max_failures, address)
+        resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=workers,
+                                    gpus_per_trial=gpus_per_worker * workers,
+                                    max_failures=max_failures)
+        preflight([cfg], store, resources, address, trial_id)
+        _run_distributed(cfg, trial_id, store, sweep_name, resources, address)
         return
     folder = Path(out or Path("runs") / trial_id)
     resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
     if resume and resume_from is None:
         click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
+    if resume_from is not None:
+        from raymeta.train.trainer import check_checkpoint
+
+        check_checkpoint(folder, cfg)
+    preflight([cfg], store, None, None, trial_id)
 
     def progress(metrics: dict, trainer) -> None:
         click.echo(f"epoch {metrics['epoch'] + 1:3d}/{cfg.train.epochs}  "
@@ -84,17 +93,15 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
                f"{row['best_test_acc']:.4f}; rows written to {store} (sweep '{sweep_name}')")
 
 
-def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, workers: int,
-                     gpus_per_worker: int, max_failures: int, address: str | None) -> None:
+def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, resources,
+                     address: str | None) -> None:
     """A data-parallel run; Ray Train keeps its checkpoints, so rerunning it continues."""
-    from raymeta.config import ResourcesConfig
     from raymeta.orchestrate.distributed import fit_distributed, train_storage
     from raymeta.orchestrate.runtime import check_fits, start_ray
     from raymeta.results.store import resolve_store
 
     store = resolve_store(store)
-    resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=workers,
-                                gpus_per_trial=gpus_per_worker * workers, max_failures=max_failures)
+    workers = resources.workers_per_trial
     start_ray(address, resources.gpus_per_trial, trial_id)
     if not address:
         check_fits(resources.cpus_per_trial, resources.gpus_per_trial, trial_id)
@@ -133,10 +140,12 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
         for cell in cells:
             click.echo(f"  {cell.trial_id}  {cell.overrides}")
         return
+    from raymeta.orchestrate.preflight import preflight
     from raymeta.orchestrate.sweep import run_sweep
     from raymeta.results import query
     from raymeta.results.store import resolve_store
 
+    preflight([c.config for c in cells], spec.store, spec.resources, address, f"sweep '{spec.name}'")
     started = time.monotonic()
     failed = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
     click.echo(f"sweep '{spec.name}' finished in {time.monotonic() - started:.0f}s "

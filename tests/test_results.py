@@ -79,12 +79,16 @@ def test_famus_rows_get_a_suffix(tmp_path):
     assert methods == ["ce", "mwnet", "mwnet+famus"]
 
 
-def test_failed_trials_are_left_out_of_the_summary(tmp_path):
+def test_failed_trials_are_counted_but_left_out_of_the_mean(tmp_path):
     store = str(tmp_path)
     fill(store)
     write_trial(store, "s", "ce-uniform-9", row("ce", "uniform", 0.4, 9, float("nan"), "failed"), [])
+    write_trial(store, "s", "mwnet-none-0", row("mwnet", "none", 0.0, 0, float("nan"), "failed"), [])
     table = query.summary(query.load(store, "trials", "s"))
-    assert {r["method"]: r for r in table.iter_rows(named=True)}["ce"]["uniform 0.4"].endswith("(2)")
+    cells = {r["method"]: r for r in table.iter_rows(named=True)}
+    assert cells["ce"]["uniform 0.4"] == "75.00 ± 7.07 (2, 1 failed)"
+    assert cells["mwnet"]["clean"] == "- (0, 1 failed)"  # nothing completed in that cell
+    assert cells["ce"]["clean"] == "**97.00 ± 1.41 (2)**"
 
 
 def test_damaged_file_is_reported_and_the_rest_read(tmp_path, capsys):
@@ -171,3 +175,59 @@ def test_plots_are_written(tmp_path):
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
     with pytest.raises(ConfigError, match="unknown results column"):
         plots.metric_against(noisy, "meta_set.per_class", tmp_path / "x.png")
+
+
+def _write_one(args):
+    store, i = args
+    curves = [{"epoch": e, "test_acc": i / 100 + e / 1000} for e in range(50)]
+    write_trial(store, "busy", f"t{i:03d}", row("ce", "uniform", 0.4, i, i / 100), curves)
+    return i
+
+
+def test_fifty_concurrent_writers_lose_nothing(tmp_path):
+    """50 trials finishing at once (separate processes), while queries read the store."""
+    import multiprocessing
+
+    store = str(tmp_path)
+    with multiprocessing.get_context("spawn").Pool(50) as pool:
+        pending = pool.map_async(_write_one, [(store, i) for i in range(50)])
+        while not pending.ready():  # reads meanwhile see only whole files
+            try:
+                trials = query.load(store, "trials", "busy")
+                assert trials["final_test_acc"].is_not_null().all()
+            except ConfigError:  # nothing written yet
+                pass
+        assert sorted(pending.get()) == list(range(50))
+    trials = query.load(store, "trials", "busy")
+    assert len(trials) == 50 and trials["trial_id"].n_unique() == 50
+    assert sorted(trials["final_test_acc"].to_list()) == [i / 100 for i in range(50)]
+    curves = query.load(store, "curves", "busy")
+    assert len(curves) == 50 * 50
+    assert curves.group_by("trial_id").len()["len"].to_list() == [50] * 50
+
+
+WRITER = """
+import sys
+from raymeta.results.store import write_trial
+store = sys.argv[1]
+rows = [{"epoch": e, "test_acc": 0.5, "blob": "x" * 2000} for e in range(20000)]
+for i in range(1000):
+    write_trial(store, "killed", f"t{i:04d}", {"status": "completed", "final_test_acc": 0.5}, rows)
+    print(i, flush=True)
+"""
+
+
+def test_a_writer_killed_mid_write_leaves_no_partial_file(tmp_path):
+    import subprocess
+    import sys
+
+    store = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, store], stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # a few trials written, the next one mid-write
+        proc.stdout.readline()
+    proc.kill()
+    proc.wait()
+    trials = query.load(store, "trials", "killed")
+    curves = query.load(store, "curves", "killed")
+    assert len(trials) >= 3 and set(curves["trial_id"]) >= set(trials["trial_id"])
+    assert curves.group_by("trial_id").len()["len"].unique().to_list() == [20000]  # whole files only

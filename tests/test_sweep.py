@@ -20,20 +20,24 @@ def test_sweep_writes_rows_curves_and_failures(ray_session, tmp_path):
         "name": "e2e", "store": str(tmp_path),
         "base": tiny_experiment(train={"epochs": 3}),
         "grid": {"optimizer.lr": [0.1, 1.0e12],
-                 "noise": [{"type": "none"}, {"type": "uniform", "rate": 0.4}], "seed": [0, 1]},
-        # one diverging cell (lr 1e12, uniform, seed 0) beside four healthy ones
-        "exclude": [{"optimizer.lr": 1.0e12, "seed": 1}, {"optimizer.lr": 1.0e12, "noise.type": "none"}],
+                 "noise": [{"type": "none"}, {"type": "uniform", "rate": 0.4}], "seed": [0, 1, 2]},
+        # one diverging cell (lr 1e12, uniform, seed 0) beside five healthy ones
+        "exclude": [{"optimizer.lr": 1.0e12, "seed": 1}, {"optimizer.lr": 1.0e12, "seed": 2},
+                    {"optimizer.lr": 1.0e12, "noise.type": "none"},
+                    {"optimizer.lr": 0.1, "noise.type": "none", "seed": 2}],
     })
     cells = expand(spec)
-    assert len(cells) == 5
-    assert run_sweep(spec, cells) == 1
+    assert len(cells) == 6
+    assert run_sweep(spec, cells) == 1  # the sweep goes on past the failed trial
 
     trials = query.load(str(tmp_path), "trials", "e2e")
-    assert len(trials) == 5 and trials["trial_id"].n_unique() == 5
+    assert len(trials) == 6 and trials["trial_id"].n_unique() == 6
     done = trials.filter(pl.col("status") == "completed")
     failed = trials.filter(pl.col("status") == "failed")
-    assert len(done) == 4 and len(failed) == 1
-    assert "training loss is nan in epoch 0" in failed["error"].item()
+    assert len(done) == 5 and len(failed) == 1
+    assert "training loss is nan in epoch 0: the training loss (ce's actual-step loss) became " \
+           "non-finite at step" in failed["error"].item()
+    assert "lower optimizer.lr" in failed["error"].item()
     assert (done["epochs_run"] == 3).all()
     for column in ("git_rev", "torch_version", "ray_version", "hostname", "config_json",
                    "noisy_labels_sha", "meta_split_sha", "tune_trial_id"):
@@ -51,7 +55,7 @@ def test_sweep_writes_rows_curves_and_failures(ray_session, tmp_path):
     assert table.columns == ["method", "clean", "uniform 0.4"]
     clean = table["clean"].item()
     assert clean == f"**{clean.strip('*')}**"  # the only row is the best of its column
-    assert table["clean"].item().strip("*").endswith("(2)") and table["uniform 0.4"].item().strip("*").endswith("(2)")
+    assert clean.endswith("(2)**") and table["uniform 0.4"].item().endswith("(3, 1 failed)**")
 
     # Tune saw every epoch of every healthy trial (its own result files)
     tune_dir = Path(tmp_path) / "tune" / "e2e"

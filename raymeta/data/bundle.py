@@ -98,8 +98,17 @@ def stratified_pick(labels: np.ndarray, num_classes: int, cfg: MetaSetConfig,
     return np.sort(np.concatenate(picked))
 
 
-def build_data(cfg: ExperimentConfig) -> DataBundle:
+def check_data(cfg: ExperimentConfig) -> None:
+    """What build_data checks about files, formats and sizes (dataset files, the meta split's
+    feasibility, label and probability files), without making the noisy labels: a sweep runs
+    it once per distinct data setting before Ray starts, so a wrong path fails in seconds."""
     raw = load_raw(cfg.dataset)
+    _, keep, _, _ = _meta_split(raw, cfg)
+    _noise_inputs(raw, cfg, keep, compute_probs=False)
+
+
+def _meta_split(raw, cfg: ExperimentConfig):
+    """(meta split, kept training positions, kept test positions, meta positions)."""
     k = raw.num_classes
     train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
     keep = np.arange(len(train_y))  # positions of the training split that stay in train
@@ -121,9 +130,14 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
                               f"(clothing1m); '{cfg.dataset.name}' has none: use train or test")
         meta_idx = stratified_pick(raw.val_y, k, cfg.meta_set, split_rng, "validation")
         meta = Split(raw.val_x[meta_idx], raw.val_y[meta_idx], raw.val_y[meta_idx], meta_idx)
+    return meta, keep, test_keep, meta_idx
 
+
+def _noise_inputs(raw, cfg: ExperimentConfig, keep: np.ndarray, compute_probs: bool = True):
+    """The given labels (noise real) and the clean model's probabilities (feature_dependent)
+    of the kept training samples."""
+    train_x, train_y, k = raw.train_x, raw.train_y, raw.num_classes
     clean = train_y[keep]
-    noise_rng = seeded_rng(cfg.seed, "noise")
     given = probs = None
     if cfg.noise.type == "real":
         if cfg.noise.file is not None:
@@ -140,8 +154,19 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
                 raise DataError(f"noise.probs_file {cfg.noise.probs_file} has {len(probs)} rows "
                                 f"but the training split has {len(train_y)} samples")
             probs = probs[keep]
-        else:
+        elif compute_probs:
             probs = clean_model_probs(np.asarray(train_x[keep]), clean, k, cfg.seed)
+    return given, probs
+
+
+def build_data(cfg: ExperimentConfig) -> DataBundle:
+    raw = load_raw(cfg.dataset)
+    k = raw.num_classes
+    train_x, train_y, test_x, test_y = raw.train_x, raw.train_y, raw.test_x, raw.test_y
+    meta, keep, test_keep, meta_idx = _meta_split(raw, cfg)
+    clean = train_y[keep]
+    noise_rng = seeded_rng(cfg.seed, "noise")
+    given, probs = _noise_inputs(raw, cfg, keep)
     noise = make_noisy_labels(clean, k, cfg.noise.type, cfg.noise.rate, noise_rng,
                               given=given, probs=probs, mapping=cfg.noise.mapping)
     given_labels = noise.labels.copy()

@@ -48,6 +48,8 @@ class Engine:
         self.meta_seconds = 0.0
         self.famus = None
         """a raymeta.methods.famus.Famus when the method runs with famus: true"""
+        self.last_meta_loss: torch.Tensor | None = None
+        """the meta loss of the latest meta step (detached), to find where training diverged"""
         self._cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     # ---------------------------------------------------------------------- forwards
@@ -126,6 +128,7 @@ class Engine:
                 meta_params = method.meta_parameters(batch)
                 if self.famus is None:
                     meta_loss = self.meta_objective(method, logits, batch, meta_batch())
+                    self.last_meta_loss = meta_loss.detach()
                     grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
                 else:
                     grads = self._famus_meta_gradient(method, logits, batch, meta_batch(),
@@ -142,6 +145,7 @@ class Engine:
         """Meta gradient through the gated step; steps the samplers on the way."""
         famus = self.famus
         meta_loss, extra = self.famus_objective(method, logits, batch, meta_batch)
+        self.last_meta_loss = meta_loss.detach()
         every = famus.cfg.cosine_every
         if every and (famus.total_steps - 1) % every == 0:  # diagnostic: compare with the full one
             gated = torch.autograd.grad(meta_loss, meta_params, retain_graph=True, allow_unused=True)

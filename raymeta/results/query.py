@@ -121,24 +121,33 @@ def _column_label(noise_type: str, rate: float) -> str:
     return "clean" if noise_type == "none" else f"{noise_type} {rate:g}"
 
 
+def _cell_text(c: dict) -> str:
+    count = f"{c['n']}, {c['failed']} failed" if c["failed"] else f"{c['n']}"
+    if c["mean"] is None:
+        return f"- ({count})"
+    return f"{c['mean']:.2f} ± {c['std'] or 0.0:.2f} ({count})"
+
+
 def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
             columns: Sequence[str] = ("noise.type", "noise.rate"),
             metric: str = "final", mark_best: bool = True) -> pl.DataFrame:
     """Mean ± std (over seeds) of a metric, in percent: one row per `by`, one column per
-    noise setting. Cells read `mean ± std (n)`; the best of each column is marked (bold in
-    markdown and latex, a trailing * in text and csv)."""
+    noise setting. Cells read `mean ± std (n)` over completed trials, `(n, k failed)` when
+    trials of the cell failed; the best of each column is marked (bold in markdown and latex,
+    a trailing * in text and csv)."""
     metric_col = METRICS.get(metric, metric)
     missing = [c for c in [*by, *columns, metric_col] if c not in trials.columns]
     if missing:
         raise ConfigError(f"unknown results column(s): {', '.join(missing)}; available: "
                           f"{', '.join(sorted(trials.columns))}")
-    done = trials.filter(pl.col("status") == "completed") if "status" in trials.columns else trials
-    if done.is_empty():
+    status = pl.col("status") if "status" in trials.columns else pl.lit("completed")
+    ok = status == "completed"
+    if not trials.select(ok.any()).item():
         raise ConfigError("no completed trials to summarise (see `raymeta results failed`)")
-    cells = (done.group_by([*by, *columns])
-             .agg((pl.col(metric_col).mean() * 100).alias("mean"),
-                  (pl.col(metric_col).std() * 100).alias("std"),
-                  pl.len().alias("n"))
+    cells = (trials.group_by([*by, *columns])
+             .agg((pl.col(metric_col).filter(ok).mean() * 100).alias("mean"),
+                  (pl.col(metric_col).filter(ok).std() * 100).alias("std"),
+                  ok.sum().alias("n"), (status == "failed").sum().alias("failed"))
              .sort([*columns, *by]))
     if columns and columns[0] == "noise.type":  # the clean column first, as in the papers
         cells = cells.sort(pl.col("noise.type") != "none", maintain_order=True)
@@ -146,8 +155,7 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
         lambda s: _column_label(*(s[c] for c in columns)) if len(columns) == 2 and
         columns[0] == "noise.type" else " ".join(str(s[c]) for c in columns),
         return_dtype=pl.String).alias("setting"))
-    text = pl.struct("mean", "std", "n").map_elements(
-        lambda c: f"{c['mean']:.2f} ± {c['std'] or 0.0:.2f} ({c['n']})", return_dtype=pl.String)
+    text = pl.struct("mean", "std", "n", "failed").map_elements(_cell_text, return_dtype=pl.String)
     cells = cells.with_columns(label, text.alias("cell"))
     if mark_best:  # the best mean of each column, as papers set it in bold
         best = pl.col("mean") == pl.col("mean").max().over("setting")

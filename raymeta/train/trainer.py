@@ -70,6 +70,21 @@ class _Generators:
             getattr(self, key).set_state(value)
 
 
+def _check_digest(state: dict, path: Path, cfg: ExperimentConfig) -> None:
+    if state["config_digest"] != cfg.digest():
+        raise ConfigError(f"checkpoint {path} was written by another config "
+                          f"(digest {state['config_digest']}, this one {cfg.digest()}); "
+                          f"use a fresh output folder (--out) or the original config")
+
+
+def check_checkpoint(path: str | Path, cfg: ExperimentConfig) -> None:
+    """Raise before any training if the checkpoint at `path` belongs to another config."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    _check_digest(torch.load(path, map_location="cpu", weights_only=False), path, cfg)
+
+
 def curve_outcome(curves: list[dict]) -> dict:
     """What a results row says about the accuracy curves: final, peak, at the best meta epoch."""
     test = np.array([c["test_acc"] for c in curves])
@@ -178,6 +193,9 @@ class Trainer:
 
         sums: dict[str, torch.Tensor] = {}  # name -> [sum, count], on the device
         count = 0
+        # the first step whose training / meta loss is not finite (-1: none), kept on the device
+        first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
+        engine.last_meta_loss = None
         tic = time.perf_counter()
         for batch in train.batches(cfg.train.batch_size, shuffle=True,
                                    augment=self.data.augment, order_generator=self.gens.order,
@@ -194,6 +212,9 @@ class Trainer:
             for key, value in values.items():
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
+            meta_loss = engine.last_meta_loss if engine.last_meta_loss is not None else out.loss
+            bad = ~torch.isfinite(torch.stack([out.loss.float(), meta_loss.float()]))
+            first_bad = torch.where(bad & (first_bad < 0), count, first_bad)
             count += 1
         stacked = torch.stack(list(sums.values()))
         all_reduce_sum_([stacked])  # sums and counts of every worker
@@ -204,14 +225,25 @@ class Trainer:
         self.train_seconds += seconds
         self.meta_seconds += meta_seconds
         if not math.isfinite(means.get("loss", 0.0)):
-            raise TrainingDiverged(f"training loss is {means['loss']} in epoch {self.epoch} "
-                                   f"(method {method.name}); lower optimizer.lr or check the data")
+            raise TrainingDiverged(self._divergence(means["loss"], first_bad.tolist(), count))
         return {"epoch": self.epoch, "lr": lr, "epoch_seconds": seconds,
                 "ms_per_step": 1000.0 * seconds / max(count, 1),
                 "meta_step_share": meta_seconds / seconds if seconds else 0.0,
                 **{f"train_{key}": value for key, value in means.items()},
                 **method.epoch_metrics(self.data),
                 **(engine.famus.epoch_metrics() if engine.famus is not None else {})}
+
+    def _divergence(self, mean_loss: float, first_bad: list[int], steps: int) -> str:
+        """Which loss went non-finite first, and where, for the failed row."""
+        cfg, name = self.cfg, self.method.name
+        train_step, meta_step = first_bad
+        if self.method.uses_meta_batch and meta_step >= 0 and not 0 <= train_step < meta_step:
+            where = f"the meta loss became non-finite at step {meta_step}"
+        else:
+            where = f"the training loss ({name}'s actual-step loss) became non-finite at step {train_step}"
+        hint = "lower optimizer.lr" + (" or method.meta_lr" if self.method.uses_meta_batch else "")
+        return (f"training loss is {mean_loss} in epoch {self.epoch}: {where} of {steps} "
+                f"(method {name}, optimizer.lr {cfg.optimizer.lr:g}); {hint}, or check the data")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -288,10 +320,7 @@ class Trainer:
         if path.is_dir():
             path = path / CHECKPOINT_FILE
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config_digest"] != self.cfg.digest():
-            raise ConfigError(f"checkpoint {path} was written by another config "
-                              f"(digest {state['config_digest']}, this one {self.cfg.digest()}); "
-                              f"use a fresh output folder or the original config")
+        _check_digest(state, path, self.cfg)
         if state["noisy_labels_sha"] != self.data.noise.sha:
             raise ConfigError(f"checkpoint {path} was trained on other noisy labels; the data "
                               f"or label file changed since; start a fresh run")

@@ -1,0 +1,67 @@
+"""Checks that run before any Ray work starts or any result is written, so a wrong path, an
+impossible meta split or an unwritable store fails in seconds with the fix, not an hour into a
+sweep on rented GPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+from raymeta.config import ExperimentConfig, ResourcesConfig
+from raymeta.data.bundle import check_data
+from raymeta.errors import ConfigError
+from raymeta.results.store import filesystem, resolve_store
+
+
+def check_all_data(cfgs: list[ExperimentConfig]) -> None:
+    """check_data once per distinct data setting (the seed and the noise rate do not change
+    which files are read or whether the meta split is possible)."""
+    seen = set()
+    for cfg in cfgs:
+        noise = cfg.noise.model_dump(exclude={"rate"})
+        key = json.dumps([cfg.dataset.model_dump(), cfg.meta_set.model_dump(), noise],
+                         sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            check_data(cfg)
+
+
+def check_store(store: str) -> None:
+    """The store can be written: create it and write (and remove) a probe object."""
+    store = resolve_store(store)
+    try:
+        fs, base = filesystem(store)
+        fs.create_dir(base, recursive=True)
+        probe = f"{base.rstrip('/')}/.raymeta-probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as out:
+            out.write(b"ok")
+        fs.delete_file(probe)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"results store {store} cannot be written ({err}); choose a folder "
+                          f"you can write to, or a URI with credentials (--store)") from None
+
+
+def check_local_resources(resources: ResourcesConfig, what: str) -> None:
+    """A trial that this machine can never hold (a local Ray has its CPUs and GPUs)."""
+    import torch
+
+    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
+    if resources.gpus_per_trial > gpus:
+        raise ConfigError(f"{what} asks for {resources.gpus_per_trial:g} GPU per trial, but this "
+                          f"machine has {'no GPU' if not gpus else f'{gpus} GPUs'}; set "
+                          f"resources.gpus_per_trial to {min(gpus, 1) if gpus else 0} or pass "
+                          f"--address of a cluster with GPUs")
+    if resources.cpus_per_trial > cpus:
+        raise ConfigError(f"{what} needs {resources.cpus_per_trial:g} CPUs per trial "
+                          f"(workers_per_trial {resources.workers_per_trial}), but this machine "
+                          f"has {cpus}; lower resources.cpus_per_trial / workers_per_trial, or "
+                          f"pass --address of a larger cluster")
+
+
+def preflight(cfgs: list[ExperimentConfig], store: str, resources: ResourcesConfig | None,
+              address: str | None, what: str) -> None:
+    if resources is not None and not address:
+        check_local_resources(resources, what)
+    check_all_data(cfgs)
+    check_store(store)  # last: it creates the store's folder

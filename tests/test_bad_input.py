@@ -1,0 +1,170 @@
+"""Bad input, caught early: each case exits with status 2 and a message naming the problem and
+the fix, before Ray starts and before anything is written to the store (in-process CLI)."""
+
+import gzip
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from fixtures_formats import MNIST_NAMES, mnist_arrays, write_cifar_tarball, write_mnist
+
+from raymeta import cli
+
+DIGITS = {"dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [8]}},
+          "train": {"epochs": 1, "batch_size": 128}, "meta_set": {"per_class": 5}}
+
+
+def experiment(**changes):
+    data = yaml.safe_load(yaml.safe_dump(DIGITS))
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            data.setdefault(section, {})[field] = value
+        else:
+            data[section] = value
+    return data
+
+
+def sweep(base=None, **extra):
+    return {"name": "bad", "store": "out", "base": base or DIGITS, "grid": {"seed": [0]}, **extra}
+
+
+def truncated_cifar(root):
+    path, _ = write_cifar_tarball(root)
+    path.write_bytes(path.read_bytes()[:300])
+    return str(root)
+
+
+def corrupt_mnist(root):
+    write_mnist(root, mnist_arrays())
+    (root / MNIST_NAMES[0]).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 10)
+    return str(root)
+
+
+def label_file(root):
+    path = root / "labels.npy"
+    np.save(path, np.zeros(7, dtype=np.int64))
+    return str(path)
+
+
+# (name, what to write: "run" experiment or "sweep" file, a function of the tmp folder that
+#  returns the content, extra CLI args, the message the user sees)
+CASES = [
+    ("unknown method", "run", lambda d: experiment(method={"name": "mwn"}), [],
+     "did you mean 'mwnet'"),
+    ("unknown noise type", "run", lambda d: experiment(**{"noise.type": "unifrom", "noise.rate": 0.4}), [],
+     "did you mean 'uniform'"),
+    ("unknown dataset", "run", lambda d: experiment(**{"dataset.name": "cifar"}), [],
+     "dataset.name: 'cifar' is not allowed"),
+    ("unknown model", "run", lambda d: experiment(**{"model.name": "resnet18"}), [],
+     "model.name"),
+    ("unknown key", "run", lambda d: experiment(**{"train.epoch": 3}), [],
+     "did you mean 'train.epochs'"),
+    ("unknown section", "run", lambda d: {**experiment(), "optimiser": {"lr": 0.1}}, [],
+     "did you mean 'optimizer'"),
+    ("noise rate above 1", "run", lambda d: experiment(**{"noise.type": "uniform", "noise.rate": 1.5}), [],
+     "noise.rate"),
+    ("noise rate 1.0", "run", lambda d: experiment(**{"noise.type": "uniform", "noise.rate": 1.0}), [],
+     "noise.rate"),
+    ("negative noise rate", "run", lambda d: experiment(**{"noise.type": "uniform", "noise.rate": -0.1}), [],
+     "noise.rate"),
+    ("rate without a noise type", "run", lambda d: experiment(**{"noise.rate": 0.4}), [],
+     "noise.type none needs noise.rate 0.0"),
+    ("per_class larger than a class has", "run", lambda d: experiment(**{"meta_set.per_class": 500}), [],
+     "use meta_set.per_class of at most"),
+    ("meta set from a val split that does not exist", "run",
+     lambda d: experiment(meta_set={"per_class": 5, "source": "val"}), [],
+     "meta_set.source val needs a dataset with a clean validation split"),
+    ("missing dataset files", "run",
+     lambda d: experiment(dataset={"name": "cifar10", "root": str(d / "nowhere")}), [],
+     "nowhere"),
+    ("truncated CIFAR tarball", "run",
+     lambda d: experiment(dataset={"name": "cifar10", "root": truncated_cifar(d / "c")}), [],
+     "cifar-10-python.tar.gz"),
+    ("corrupt IDX file", "run",
+     lambda d: experiment(dataset={"name": "mnist", "root": corrupt_mnist(d / "m")}), [],
+     "train-images-idx3-ubyte"),
+    ("label file of the wrong length", "run",
+     lambda d: experiment(noise={"type": "real", "file": label_file(d)}), [],
+     "labels.npy"),
+    ("negative epochs", "run", lambda d: experiment(**{"train.epochs": 0}), [],
+     "train.epochs"),
+    ("a string where a number goes", "run", lambda d: experiment(**{"optimizer.lr": "fast"}), [],
+     "optimizer.lr"),
+    ("famus on a method without a meta-model", "run",
+     lambda d: experiment(method={"name": "mlnt", "famus": True}), [], "famus"),
+    ("empty grid", "sweep", lambda d: {**sweep(), "grid": {"seed": []}}, [],
+     "grid key 'seed' has no values"),
+    ("exclude that matches nothing", "sweep",
+     lambda d: sweep(exclude=[{"seed": 7}]), [], "exclude rule(s) that match no cell"),
+    ("every cell excluded", "sweep", lambda d: sweep(exclude=[{"seed": 0}]), [],
+     "has no cells to run"),
+    ("bad sweep name", "sweep", lambda d: {**sweep(), "name": "my sweep"}, [], "name"),
+    ("grid over an unknown key", "sweep", lambda d: {**sweep(), "grid": {"noise.rat": [0.2]}}, [],
+     "noise.rat"),
+    ("store that cannot be written", "sweep", lambda d: sweep(), ["--store", "/proc/raymeta-results"],
+     "cannot be written"),
+    ("GPUs where none exist", "sweep",
+     lambda d: sweep(resources={"gpus_per_trial": 1}), [], "has no GPU"),
+    ("more workers than the machine can place", "sweep",
+     lambda d: sweep(resources={"workers_per_trial": 64, "cpus_per_trial": 64}), [],
+     "lower resources.cpus_per_trial / workers_per_trial"),
+    ("workers sharing a GPU", "sweep",
+     lambda d: sweep(resources={"workers_per_trial": 2, "gpus_per_trial": 1}), [],
+     "workers of one run cannot share a GPU"),
+    ("YAML syntax error", "yaml", lambda d: "name: x\nbase: {dataset: {name: digits}\ngrid: {}\n", [],
+     "line 3"),
+]
+
+
+def run_cli(args, monkeypatch, capsys) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["raymeta", *args])
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        return exit_.code, capsys.readouterr().err
+    return 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,kind,make,args,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_early(name, kind, make, args, message, tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.chdir(tmp_path)
+    content = make(tmp_path)
+    path = tmp_path / "input.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    command = ["run", str(path), "--store", "out"] if kind == "run" else ["sweep", str(path)]
+    code, err = run_cli([*command, *args], monkeypatch, capsys)
+    assert code == 2, err
+    assert message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()  # nothing written
+    assert not ray.is_initialized()
+
+
+def test_at_least_25_cases():
+    assert len(CASES) >= 25
+
+
+def test_checkpoint_of_another_config_is_refused_on_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(experiment()))
+    code, _ = run_cli(["run", "a.yaml", "--out", "ck", "--store", "first"], monkeypatch, capsys)
+    assert code == 0
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(experiment(**{"train.batch_size": 64})))
+    code, err = run_cli(["run", "b.yaml", "--out", "ck", "--resume", "--store", "second"],
+                        monkeypatch, capsys)
+    assert code == 2 and "was written by another config" in err and "--out" in err
+    assert not (tmp_path / "second").exists()
+
+
+def test_gzip_is_not_required_to_be_valid_to_be_named(tmp_path):
+    """A broken .gz IDX file is reported by name too (not a bare zlib error)."""
+    from raymeta.data.formats import read_idx
+    from raymeta.errors import DataError
+
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(b"\x00\x00\x08\x03")[:-4])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        read_idx(bad)
