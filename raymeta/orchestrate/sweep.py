@@ -35,6 +35,7 @@ workers share the rest): it only waits on its workers"""
 
 def _tune_trial(config: dict) -> None:
     """The Tune trainable: train one cell, report each epoch, write its rows."""
+    import ray
     import ray.tune
 
     cell = config["cell"]
@@ -60,7 +61,8 @@ def _tune_trial(config: dict) -> None:
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
 
     def run(resume_from=None) -> None:
-        extra = {"tune_trial_id": ray.tune.get_context().get_trial_id()}
+        extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
+                 "ray_node_id": ray.get_runtime_context().get_node_id()}
         run_trial(cfg, store=config["store"], sweep=config["sweep"], trial_id=cell["trial_id"],
                   on_epoch_end=report, resume_from=resume_from, extra=extra)
 
