@@ -41,6 +41,10 @@ class DatasetConfig(_Config):
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     """share of samples held out as the test set for datasets without an official split
     (digits, synthetic); the split is fixed, independent of the seed"""
+    imbalance: float = Field(1.0, ge=1.0)
+    """long-tailed training data: class c keeps n_max * imbalance^(-c/(K-1)) of its training
+    samples (FaMUS Table 8 uses 10-100); the meta set stays balanced, the test set untouched;
+    1 = as the dataset comes"""
     unlabeled_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """share of the training split whose labels are hidden (seeded); methods that can use
     unlabeled data (metalabelnet) train on them, the others skip them"""

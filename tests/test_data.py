@@ -145,3 +145,30 @@ def test_same_config_same_metrics_run_to_run():
     runs = [[{k: v for k, v in c.items() if k not in timing} for c in Trainer(cfg).fit().curves]
             for _ in range(2)]
     assert runs[0] == runs[1]
+
+
+def test_long_tailed_training_split_keeps_the_meta_set_balanced():
+    balanced = bundle()
+    data = bundle(dataset={"name": "digits", "imbalance": 10})
+    counts = np.bincount(data.train.y_clean, minlength=10)
+    available = np.bincount(balanced.train.y_clean, minlength=10)
+    n_max = available.max()  # class c keeps n_max * 10^(-c/9), or all it has
+    expected = [min(int(available[c]), max(1, int(n_max * 10 ** (-c / 9)))) for c in range(10)]
+    assert counts.tolist() == expected and counts[0] / counts[-1] >= 9.5
+    assert np.bincount(data.meta.y).tolist() == [5] * 10  # per_class, as without imbalance
+    assert np.array_equal(data.test.y, balanced.test.y)  # the test set is untouched
+    again = bundle(dataset={"name": "digits", "imbalance": 10})
+    assert np.array_equal(data.train.origin, again.train.origin)  # seeded
+
+
+def test_per_class_and_rarest_third_accuracy_are_recorded():
+    from raymeta.train import Trainer
+
+    cfg = parse_experiment(tiny_experiment(dataset={"name": "digits", "imbalance": 10}))
+    result = Trainer(cfg).fit()
+    last = result.curves[-1]
+    assert len(last["test_class_acc"]) == 10
+    assert last["test_acc_rare_third"] == pytest.approx(np.mean(last["test_class_acc"][6:]), abs=1e-4)
+    assert result.outcome["final_rare_third_acc"] == last["test_acc_rare_third"]
+    plain = Trainer(parse_experiment(tiny_experiment())).fit()
+    assert "final_rare_third_acc" not in plain.outcome and len(plain.curves[-1]["test_class_acc"]) == 10

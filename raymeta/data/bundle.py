@@ -130,7 +130,23 @@ def _meta_split(raw, cfg: ExperimentConfig):
                               f"(clothing1m); '{cfg.dataset.name}' has none: use train or test")
         meta_idx = stratified_pick(raw.val_y, k, cfg.meta_set, split_rng, "validation")
         meta = Split(raw.val_x[meta_idx], raw.val_y[meta_idx], raw.val_y[meta_idx], meta_idx)
+    if cfg.dataset.imbalance > 1:  # after the meta split: the meta set stays balanced
+        keep = long_tailed(keep, train_y, k, cfg.dataset.imbalance, seeded_rng(cfg.seed, "imbalnc"))
     return meta, keep, test_keep, meta_idx
+
+
+def long_tailed(keep: np.ndarray, labels: np.ndarray, num_classes: int, factor: float,
+                rng: np.random.Generator) -> np.ndarray:
+    """A seeded subset of the training positions `keep` in which class c keeps
+    n_max * factor^(-c / (K - 1)) samples (FaMUS Table 8; n_max: the largest class)."""
+    y = labels[keep]
+    n_max = max(int((y == c).sum()) for c in range(num_classes))
+    kept = []
+    for c in range(num_classes):
+        members = keep[y == c]
+        n_c = max(1, int(n_max * factor ** (-c / max(num_classes - 1, 1))))
+        kept.append(rng.permutation(members)[:n_c])
+    return np.sort(np.concatenate(kept))
 
 
 def _noise_inputs(raw, cfg: ExperimentConfig, keep: np.ndarray, compute_probs: bool = True):

@@ -244,7 +244,9 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=ray.tune.RunConfig(
                 name=spec.name, storage_path=storage_path, verbose=0, callbacks=callbacks,
-                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1),
+                # two: a driver killed between a new checkpoint and its next state snapshot
+                # still finds the checkpoint that snapshot names (--resume)
+                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
     return grid.num_errors

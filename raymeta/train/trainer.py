@@ -95,7 +95,9 @@ def curve_outcome(curves: list[dict]) -> dict:
             "best_test_epoch": int(np.argmax(test)),
             "final_meta_acc": float(meta[-1]), "best_meta_epoch": best_meta,
             "test_acc_at_best_meta": float(test[best_meta]),
-            "final_train_loss": float(curves[-1]["train_loss"])}
+            "final_train_loss": float(curves[-1]["train_loss"]),
+            **({"final_rare_third_acc": float(curves[-1]["test_acc_rare_third"])}
+               if "test_acc_rare_third" in curves[-1] else {})}
 
 
 def pick_device(name: str) -> torch.device:
@@ -247,9 +249,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Test and meta loss/accuracy; each worker evaluates its part of the split."""
+        """Test and meta loss/accuracy, and the test accuracy per class; each worker evaluates
+        its part of the split."""
         self.average_batchnorm_statistics()
         self.model.eval()
+        k = self.data.num_classes
+        per_class = torch.zeros(2, k, device=self.device, dtype=torch.float64)  # correct, count
         sums = []
         for name in ("test", "meta"):
             split = self.splits[name]
@@ -261,13 +266,22 @@ class Trainer:
                 batch = split.batch(index)
                 logits = self.model(batch.x)
                 sum_[0] += F.cross_entropy(logits, batch.y, reduction="sum")
-                sum_[1] += (logits.argmax(1) == batch.y).sum()
+                correct = logits.argmax(1) == batch.y
+                sum_[1] += correct.sum()
+                if name == "test":
+                    per_class[0] += torch.bincount(batch.y, weights=correct.double(), minlength=k)
+                    per_class[1] += torch.bincount(batch.y, minlength=k)
             sums.append(sum_)
-        all_reduce_sum_(sums)
+        all_reduce_sum_([*sums, per_class])
         results = {}
         for name, sum_ in zip(("test", "meta"), sums):
             loss, acc = (sum_ / max(len(self.splits[name]), 1)).tolist()
             results[f"{name}_loss"], results[f"{name}_acc"] = loss, acc
+        class_acc = (per_class[0] / per_class[1].clamp_min(1)).tolist()
+        results["test_class_acc"] = [round(a, 5) for a in class_acc]
+        if self.cfg.dataset.imbalance > 1:  # class c has n_max * F^(-c/(K-1)): the last are rarest
+            rare = class_acc[k - math.ceil(k / 3):]
+            results["test_acc_rare_third"] = sum(rare) / len(rare)
         return results
 
     @torch.no_grad()
