@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
-import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raymeta.errors import ConfigError
-from raymeta.results.store import filesystem
+from raymeta.results.store import filesystem, write_parquet
 
 METRICS = {"final": "final_test_acc", "peak": "best_test_acc", "best_meta": "test_acc_at_best_meta"}
 """--metric shorthands: final epoch, peak over epochs, at the epoch of best meta-set accuracy"""
@@ -92,17 +90,9 @@ def _load_sweep(store: str, table: str, sweep: str) -> pl.DataFrame | None:
 
 
 def _write_compact(fs: pafs.FileSystem, path: str, rows: pl.DataFrame, sources: dict) -> None:
-    data = rows.to_arrow()
-    data = data.replace_schema_metadata({"raymeta_sources": json.dumps(sources)})
+    data = rows.to_arrow().replace_schema_metadata({"raymeta_sources": json.dumps(sources)})
     try:
-        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        if isinstance(fs, pafs.LocalFileSystem):
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            pq.write_table(data, tmp)
-            os.replace(tmp, path)
-        else:
-            with fs.open_output_stream(path) as out:
-                pq.write_table(data, out)
+        write_parquet(fs, path, data)
     except OSError as err:  # read-only store: queries still work, only slower
         print(f"note: could not cache results in {path}: {err}", file=sys.stderr)
 

@@ -60,21 +60,27 @@ def _scalar(value: Any) -> Any:
     return value
 
 
+def write_parquet(fs: pafs.FileSystem, path: str, data: pa.Table) -> None:
+    """Write `data` to `path` so that no reader ever sees a partial file: locally under a
+    temporary name (not ending in .parquet, so queries skip it) renamed into place; object
+    stores make an object visible only once its upload completes."""
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(data, tmp)
+        os.replace(tmp, path)
+    else:
+        with fs.open_output_stream(path) as out:
+            pq.write_table(data, out)
+
+
 def write_rows(store: str, table: str, sweep: str, trial_id: str, rows: list[dict]) -> str:
     """Write the rows of one trial for one table; replaces a previous file of that trial."""
     fs, _ = filesystem(store)
-    folder = table_dir(store, table, sweep)
-    fs.create_dir(folder, recursive=True)
-    final = f"{folder}/{trial_id}.parquet"
-    data = pa.Table.from_pylist([{k: _scalar(v) for k, v in row.items()} for row in rows])
-    if isinstance(fs, pafs.LocalFileSystem):
-        # the temporary name does not end in .parquet, so no query ever reads a partial file
-        tmp = f"{folder}/.{trial_id}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(data, tmp)
-        os.replace(tmp, final)
-    else:
-        with fs.open_output_stream(final) as out:
-            pq.write_table(data, out)
+    final = f"{table_dir(store, table, sweep)}/{trial_id}.parquet"
+    write_parquet(fs, final, pa.Table.from_pylist([{k: _scalar(v) for k, v in row.items()}
+                                                   for row in rows]))
     return final
 
 
