@@ -97,14 +97,12 @@ def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, resources,
                      address: str | None) -> None:
     """A data-parallel run; Ray Train keeps its checkpoints, so rerunning it continues."""
     from raymeta.orchestrate.distributed import fit_distributed, train_storage
-    from raymeta.orchestrate.runtime import check_fits, start_ray
+    from raymeta.orchestrate.runtime import start_ray
     from raymeta.results.store import resolve_store
 
     store = resolve_store(store)
     workers = resources.workers_per_trial
-    start_ray(address, resources.gpus_per_trial, trial_id)
-    if not address:
-        check_fits(resources.cpus_per_trial, resources.gpus_per_trial, trial_id)
+    start_ray(address)  # what a local Ray can hold was checked by preflight
     click.echo(f"{trial_id}: {workers} workers, checkpoints in "
                f"{train_storage(store, sweep_name)}/{trial_id}")
     outcome = fit_distributed(cfg, resources, store=store, sweep=sweep_name, trial_id=trial_id)

@@ -26,7 +26,7 @@ import polars as pl
 
 from raymeta.config import ResourcesConfig, parse_experiment
 from raymeta.orchestrate.distributed import fit_distributed
-from raymeta.orchestrate.runtime import start_ray
+from raymeta.orchestrate.runtime import check_capacity, start_ray
 from raymeta.results import query
 
 
@@ -55,7 +55,11 @@ def main() -> None:
     if args.batch % args.workers:
         parser.error(f"--batch {args.batch} must be divisible by --workers {args.workers}")
 
-    start_ray(args.address, args.gpus_per_worker)
+    if not args.address:
+        check_capacity(ResourcesConfig(workers_per_trial=args.workers, cpus_per_trial=args.cpus,
+                                       gpus_per_trial=args.gpus_per_worker * args.workers),
+                       "bench_ddp")
+    start_ray(args.address)
     store = tempfile.mkdtemp(prefix="bench_ddp_")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     samples: dict[tuple[str, int], list[float]] = {}

@@ -5,12 +5,12 @@ sweep on rented GPUs."""
 from __future__ import annotations
 
 import json
-import os
 import uuid
 
 from raymeta.config import ExperimentConfig, ResourcesConfig
 from raymeta.data.bundle import check_data
 from raymeta.errors import ConfigError
+from raymeta.orchestrate.runtime import check_capacity
 from raymeta.results.store import filesystem, resolve_store
 
 
@@ -42,26 +42,9 @@ def check_store(store: str) -> None:
                           f"you can write to, or a URI with credentials (--store)") from None
 
 
-def check_local_resources(resources: ResourcesConfig, what: str) -> None:
-    """A trial that this machine can never hold (a local Ray has its CPUs and GPUs)."""
-    import torch
-
-    cpus, gpus = os.cpu_count() or 1, torch.cuda.device_count()
-    if resources.gpus_per_trial > gpus:
-        raise ConfigError(f"{what} asks for {resources.gpus_per_trial:g} GPU per trial, but this "
-                          f"machine has {'no GPU' if not gpus else f'{gpus} GPUs'}; set "
-                          f"resources.gpus_per_trial to {min(gpus, 1) if gpus else 0} or pass "
-                          f"--address of a cluster with GPUs")
-    if resources.cpus_per_trial > cpus:
-        raise ConfigError(f"{what} needs {resources.cpus_per_trial:g} CPUs per trial "
-                          f"(workers_per_trial {resources.workers_per_trial}), but this machine "
-                          f"has {cpus}; lower resources.cpus_per_trial / workers_per_trial, or "
-                          f"pass --address of a larger cluster")
-
-
 def preflight(cfgs: list[ExperimentConfig], store: str, resources: ResourcesConfig | None,
               address: str | None, what: str) -> None:
     if resources is not None and not address:
-        check_local_resources(resources, what)
+        check_capacity(resources, what)
     check_all_data(cfgs)
     check_store(store)  # last: it creates the store's folder

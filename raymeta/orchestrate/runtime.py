@@ -7,7 +7,9 @@ without it.
 from __future__ import annotations
 
 import os
+import sys
 
+from raymeta.config import ResourcesConfig
 from raymeta.errors import ConfigError
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -21,7 +23,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def start_ray(address: str | None, gpus_needed: float = 0.0, what: str = "this run") -> None:
+def start_ray(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray with this machine's resources."""
     import ray
 
@@ -30,30 +32,32 @@ def start_ray(address: str | None, gpus_needed: float = 0.0, what: str = "this r
     if address:
         ray.init(address=address, log_to_driver=False)
         return
-    if gpus_needed > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{what} asks for {gpus_needed:g} GPU per trial, but this machine "
-                              f"has no GPU; set resources.gpus_per_trial to 0 or pass --address "
-                              f"of a cluster with GPUs")
     ray.init(log_to_driver=False, configure_logging=True, logging_level="WARNING")
 
 
-def check_fits(cpus: float, gpus: float, what: str) -> None:
-    """A request that the running Ray cannot ever hold fails now, not after minutes of
-    retries. (A cluster that autoscales may grow: joined clusters are not checked.)"""
-    capacity = cluster_capacity()
-    if cpus > capacity["CPU"] + 1e-9 or gpus > capacity["GPU"] + 1e-9:
-        raise ConfigError(f"{what} needs {cpus:g} CPUs and {gpus:g} GPUs per trial, but this "
-                          f"Ray has {capacity['CPU']:g} CPUs and {capacity['GPU']:g} GPUs; lower "
-                          f"resources.cpus_per_trial / workers_per_trial, or pass --address of a "
-                          f"larger cluster")
+def capacity() -> tuple[dict[str, float], str]:
+    """CPUs and GPUs trials can use, and whose they are: the running Ray's, or, before one is
+    started, this machine's (a local Ray takes all of them)."""
+    ray = sys.modules.get("ray")  # not imported: certainly not running
+    if ray is not None and ray.is_initialized():
+        total = ray.cluster_resources()
+        return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}, "the running Ray"
+    import torch
+
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}, "this machine"
 
 
-def cluster_capacity() -> dict[str, float]:
-    """CPUs and GPUs of the running Ray cluster."""
-    import ray
-
-    total = ray.cluster_resources()
-    return {"CPU": float(total.get("CPU", 0.0)), "GPU": float(total.get("GPU", 0.0))}
+def check_capacity(resources: ResourcesConfig, what: str) -> None:
+    """A trial that can never be placed fails now, not after minutes of Ray's retries. Only
+    for a local Ray: a cluster joined with --address may autoscale."""
+    have, where = capacity()
+    if resources.gpus_per_trial > have["GPU"]:
+        gpus = "no GPU" if not have["GPU"] else f"{have['GPU']:g} GPUs"
+        raise ConfigError(f"{what} asks for {resources.gpus_per_trial:g} GPU per trial, but "
+                          f"{where} has {gpus}; set resources.gpus_per_trial to "
+                          f"{min(have['GPU'], 1):g} or pass --address of a cluster with GPUs")
+    if resources.cpus_per_trial > have["CPU"]:
+        raise ConfigError(f"{what} needs {resources.cpus_per_trial:g} CPUs per trial "
+                          f"(workers_per_trial {resources.workers_per_trial}), but {where} has "
+                          f"{have['CPU']:g}; lower resources.cpus_per_trial / workers_per_trial, "
+                          f"or pass --address of a larger cluster")

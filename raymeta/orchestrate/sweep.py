@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.orchestrate.grid import Cell
-from raymeta.orchestrate.runtime import check_fits, cluster_capacity, start_ray
+from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
 from raymeta.orchestrate.trial import run_trial, trial_row
 from raymeta.results.store import completed_digest, resolve_store, store_join, write_trial
 from raymeta.train.trainer import curve_outcome
@@ -178,10 +178,10 @@ def max_concurrent(resources: ResourcesConfig) -> int | None:
     Tune cannot see) as many trials as the cluster's CPUs and GPUs hold."""
     if resources.workers_per_trial == 1:
         return resources.max_concurrent_trials
-    capacity = cluster_capacity()
-    fits = [capacity["CPU"] // resources.cpus_per_trial]
+    have, _ = capacity()
+    fits = [have["CPU"] // resources.cpus_per_trial]
     if resources.gpus_per_trial:
-        fits.append(capacity["GPU"] // resources.gpus_per_trial)
+        fits.append(have["GPU"] // resources.gpus_per_trial)
     limit = max(1, int(min(fits)))
     return min(limit, resources.max_concurrent_trials or limit)
 
@@ -203,10 +203,9 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
         if not cells:
             return 0
     storage_path = store_join(store, "tune")
-    start_ray(address, spec.resources.gpus_per_trial, f"sweep '{spec.name}'")
     if not address:
-        check_fits(spec.resources.cpus_per_trial, spec.resources.gpus_per_trial,
-                   f"sweep '{spec.name}'")
+        check_capacity(spec.resources, f"sweep '{spec.name}'")
+    start_ray(address)
     if spec.resources.workers_per_trial > 1:  # the workers reserve the resources, not the trial
         resources = {"cpu": DRIVER_CPUS}
     else:
