@@ -35,7 +35,7 @@ from raymeta.methods.base import masked_sum_count, scalar_sum_count
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
-from raymeta.parallel import all_reduce_sum_, rank_world, shard, synchronize_batchnorm
+from raymeta.parallel import all_reduce_sum_, rank_world, synchronize_batchnorm
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -82,7 +82,8 @@ def check_checkpoint(path: str | Path, cfg: ExperimentConfig) -> None:
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
-    _check_digest(torch.load(path, map_location="cpu", weights_only=False), path, cfg)
+    # memory-mapped: only the digest is read here, the tensors when the Trainer loads them
+    _check_digest(torch.load(path, map_location="cpu", weights_only=False, mmap=True), path, cfg)
 
 
 def curve_outcome(curves: list[dict]) -> dict:
@@ -257,13 +258,9 @@ class Trainer:
         per_class = torch.zeros(2, k, device=self.device, dtype=torch.float64)  # correct, count
         sums = []
         for name in ("test", "meta"):
-            split = self.splits[name]
-            start, stop = shard(len(split), self.rank, self.world)
             sum_ = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, correct
-            for begin in range(start, stop, self.cfg.train.eval_batch_size):
-                index = torch.arange(begin, min(begin + self.cfg.train.eval_batch_size, stop),
-                                     device=self.device)
-                batch = split.batch(index)
+            for batch in self.splits[name].batches(self.cfg.train.eval_batch_size, shuffle=False,
+                                                   rank=self.rank, world=self.world):
                 logits = self.model(batch.x)
                 sum_[0] += F.cross_entropy(logits, batch.y, reduction="sum")
                 correct = logits.argmax(1) == batch.y
