@@ -62,12 +62,15 @@ def _scalar(value: Any) -> Any:
 
 def write_parquet(fs: pafs.FileSystem, path: str, data: pa.Table) -> None:
     """Write `data` to `path` so that no reader ever sees a partial file: locally under a
-    temporary name (not ending in .parquet, so queries skip it) renamed into place; object
-    stores make an object visible only once its upload completes."""
+    temporary name in a `.tmp` folder beside the file's folder, then renamed into place (so a
+    listing of the folder never meets a file that vanishes as it is read); object stores make
+    an object visible only once its upload completes."""
     folder, name = path.rsplit("/", 1)
     fs.create_dir(folder, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        staging = f"{folder.rsplit('/', 1)[0]}/.tmp"
+        fs.create_dir(staging, recursive=True)
+        tmp = f"{staging}/{name}.{uuid.uuid4().hex}"
         pq.write_table(data, tmp)
         os.replace(tmp, path)
     else:
