@@ -29,10 +29,14 @@ from torch import nn
 from raymeta.config import FamusConfig
 
 
+def unit_means(g: torch.Tensor) -> torch.Tensor:
+    """A tensor's gradient as one value per output unit (its mean over the unit's inputs)."""
+    return g.flatten(1).mean(dim=1) if g.dim() > 1 else g
+
+
 def pooled(g: torch.Tensor) -> torch.Tensor:
-    """A tensor's gradient as one value per output unit, standardised (detached)."""
-    g = g.detach()
-    v = g.flatten(1).mean(dim=1) if g.dim() > 1 else g
+    """unit_means of a gradient, standardised (detached): a sampler's input."""
+    v = unit_means(g.detach())
     return (v - v.mean()) / (v.std(unbiased=False) + 1e-9)
 
 
@@ -129,8 +133,7 @@ class Famus:
                    val_grad: torch.Tensor) -> torch.Tensor:
         """lambda_count * (sum r - k)^2 + lambda_grad * ||pool(g_train) - pool(g_val)||^2."""
         count = (gates.sum() - self.cfg.k) ** 2
-        pool = (lambda g: g.flatten(1).mean(dim=1) if g.dim() > 1 else g)
-        distance = (pool(train_grad) - pool(val_grad.detach())).pow(2).sum()
+        distance = (unit_means(train_grad) - unit_means(val_grad.detach())).pow(2).sum()
         return self.cfg.lambda_count * count + self.cfg.lambda_grad * distance
 
     def step(self, grads: list[torch.Tensor | None]) -> None:
