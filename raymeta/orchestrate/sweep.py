@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-import pyarrow.fs as pafs
 
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.orchestrate.grid import Cell
@@ -158,10 +157,10 @@ def _last_checkpoint_state(trial, store, sweep, trial_id, resources) -> dict | N
         with trial.checkpoint.as_directory() as folder:
             return torch.load(f"{folder}/{CHECKPOINT_FILE}", weights_only=False)
     from raymeta.orchestrate.distributed import train_storage
-    from raymeta.results.store import filesystem
+    from raymeta.results.store import filesystem, list_folder
 
     fs, base = filesystem(store_join(train_storage(store, sweep), trial_id))
-    infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    infos = list_folder(fs, base)
     epochs = sorted(i.path for i in infos if i.base_name.startswith("epoch="))
     if not epochs:
         return None

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raymeta.errors import ConfigError
-from raymeta.results.store import filesystem, write_parquet
+from raymeta.results.store import filesystem, list_folder, write_parquet
 
 METRICS = {"final": "final_test_acc", "peak": "best_test_acc", "best_meta": "test_acc_at_best_meta"}
 """--metric shorthands: final epoch, peak over epochs, at the epoch of best meta-set accuracy"""
@@ -21,7 +21,7 @@ METRICS = {"final": "final_test_acc", "peak": "best_test_acc", "best_meta": "tes
 
 def list_sweeps(store: str) -> list[str]:
     fs, base = filesystem(store)
-    infos = fs.get_file_info(pafs.FileSelector(f"{base.rstrip('/')}/trials", allow_not_found=True))
+    infos = list_folder(fs, f"{base.rstrip('/')}/trials")
     return sorted(i.base_name.removeprefix("sweep=") for i in infos
                   if i.type == pafs.FileType.Directory and i.base_name.startswith("sweep="))
 
@@ -56,7 +56,7 @@ def _load_sweep(store: str, table: str, sweep: str) -> pl.DataFrame | None:
     compacted file (best effort: a read-only store just reads)."""
     fs, base = filesystem(store)
     base = base.rstrip("/")
-    infos = fs.get_file_info(pafs.FileSelector(f"{base}/{table}/sweep={sweep}", allow_not_found=True))
+    infos = list_folder(fs, f"{base}/{table}/sweep={sweep}")
     files = {i.base_name: [i.size, i.mtime_ns] for i in infos
              if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")}
     compact_path = f"{base}/_compact/{table}/{sweep}.parquet"

@@ -48,6 +48,19 @@ def filesystem(store: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(store)
 
 
+def list_folder(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """What a folder holds; nothing if it does not exist. pyarrow reports a folder that
+    appears while it lists (a trial's first write) as an error: it fails to list, then finds
+    the folder exists; a second listing sees it."""
+    for attempt in range(3):
+        try:
+            return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    return []
+
+
 def table_dir(store: str, table: str, sweep: str) -> str:
     _, base = filesystem(store)
     return f"{base.rstrip('/')}/{table}/sweep={sweep}"
