@@ -84,27 +84,58 @@ class NoiseConfig(_Config):
         return self
 
 
+class PseudoMetaConfig(_Config):
+    """How the pseudo-clean meta set is chosen each epoch (meta_set.source pseudo; FaMUS
+    supplement section E): a two-component Gaussian mixture on the per-sample training losses."""
+
+    warmup_epochs: int = Field(5, ge=1)
+    """plain cross-entropy epochs before the first meta step (the losses must separate first)"""
+    threshold: float = Field(0.5, gt=0.0, lt=1.0)
+    """a sample joins the meta set when its posterior of the low-loss component exceeds this"""
+    min_size: int = Field(64, ge=1)
+    """fewer samples than this pass the threshold: take those above the median posterior"""
+    max_fraction: float = Field(0.9, gt=0.0, le=1.0)
+    """more than this share of the training set passes: take those above the median posterior"""
+
+
 class MetaSetConfig(_Config):
     per_class: int | None = Field(10, ge=1)
     """clean meta samples per class (class-stratified); set per_class or size"""
     size: int | None = Field(None, ge=1)
     """total clean meta samples, spread over the classes as evenly as possible"""
-    source: Literal["train", "test", "val"] = "train"
-    """where the clean meta set comes from: carved from the training split (and removed from
-    it), from the test split (MLC/MetaLabelNet protocol; the rest stays the test set), or from
-    the dataset's clean validation split (clothing1m)"""
+    source: Literal["train", "test", "val", "pseudo"] = "train"
+    """where the meta set comes from: carved from the training split (and removed from it),
+    from the test split (MLC/MetaLabelNet protocol; the rest stays the test set), from the
+    dataset's clean validation split (clothing1m), or pseudo: no clean labels, each epoch the
+    training samples a loss mixture calls clean, with their given labels (see `pseudo`)"""
+    pseudo: PseudoMetaConfig = Field(default_factory=PseudoMetaConfig)
+    """settings of source pseudo"""
 
     @model_validator(mode="before")
     @classmethod
     def _size_or_per_class(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("size") is not None and "per_class" not in data:
+        if not isinstance(data, dict):
+            return data
+        if data.get("source") == "pseudo":
+            given = [k for k in ("per_class", "size") if data.get(k) is not None]
+            if given:
+                raise ValueError(f"meta_set.{given[0]} does not apply to source pseudo: its size "
+                                 f"is chosen each epoch by the loss mixture; remove it, or see "
+                                 f"meta_set.pseudo (threshold, min_size, max_fraction)")
+            return {**data, "per_class": None}
+        if data.get("size") is not None and "per_class" not in data:
             data = {**data, "per_class": None}
         return data
 
     @model_validator(mode="after")
     def _check(self) -> MetaSetConfig:
+        if self.source == "pseudo":
+            return self
         if (self.per_class is None) == (self.size is None):
             raise ValueError("set exactly one of meta_set.per_class and meta_set.size")
+        if self.pseudo != PseudoMetaConfig():
+            raise ValueError(f"meta_set.pseudo applies only to meta_set.source pseudo, and the "
+                             f"source is {self.source}; set source: pseudo or remove pseudo")
         return self
 
 
@@ -365,6 +396,15 @@ class ExperimentConfig(_Config):
     famus: FamusConfig = Field(default_factory=FamusConfig)
     seed: int = Field(0, ge=0)
     """fixes the noisy labels, the meta split, the initialisation and the batch order"""
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        warmup = self.meta_set.pseudo.warmup_epochs
+        if self.meta_set.source == "pseudo" and warmup >= self.train.epochs:
+            raise ValueError(f"meta_set.pseudo.warmup_epochs ({warmup}) leaves no epoch for the "
+                             f"meta method in train.epochs ({self.train.epochs}); lower the "
+                             f"warm-up or train longer")
+        return self
 
     def flat(self) -> dict[str, Any]:
         """The config as one flat dict with dotted keys (for results columns)."""

@@ -25,19 +25,23 @@ from raymeta.train import Trainer
 BATCH, META_BATCH = 8, 8  # per worker; one worker gets twice as much
 
 
-def exact_config(method: dict, world: int) -> ExperimentConfig:
+def exact_config(method: dict, world: int, epochs: int = 1) -> ExperimentConfig:
     """84 training samples: 5 steps of a global batch of 16. A BatchNorm model with
-    train.sync_batchnorm when `method` asks for it."""
+    train.sync_batchnorm when `method` asks for it; a pseudo-clean meta set (chosen each epoch
+    after a one-epoch warm-up) when it asks for that."""
     method = dict(method)
+    meta_set = {"per_class": 14}
+    if method.pop("pseudo", False):
+        meta_set = {"source": "pseudo", "pseudo": {"warmup_epochs": 1, "min_size": 16}}
     model = {"name": "mlp", "options": {"hidden": [16]}}  # no BatchNorm
     if method.pop("sync_batchnorm", False):
         model = {"name": "mlp", "options": {"hidden": [16, 16], "batchnorm": True}}
     return ExperimentConfig.model_validate({
         "dataset": {"name": "synthetic", "synthetic_samples": 200, "synthetic_classes": 4,
                     "synthetic_features": 6},
-        "noise": {"type": "uniform", "rate": 0.4}, "meta_set": {"per_class": 14},
+        "noise": {"type": "uniform", "rate": 0.4}, "meta_set": meta_set,
         "model": model, "method": method,
-        "train": {"epochs": 1, "batch_size": BATCH * (2 // world),
+        "train": {"epochs": epochs, "batch_size": BATCH * (2 // world),
                   "meta_batch_size": META_BATCH * (2 // world), "dtype": "float64",
                   "device": "cpu", "sync_batchnorm": "batchnorm" in model["options"]},
         "famus": {"cosine_every": 0}})
@@ -68,6 +72,13 @@ def five_steps(method: dict, world: int, steps: int = 5) -> dict[str, np.ndarray
     return snapshot(trainer)
 
 
+def pseudo_run(world: int) -> tuple[dict[str, np.ndarray], list[int], list[dict]]:
+    """Three epochs of MW-Net with a pseudo-clean meta set: parameters, the last meta set, curves."""
+    trainer = Trainer(exact_config({"name": "mwnet", "pseudo": True}, world, epochs=3))
+    curves = trainer.fit().curves
+    return snapshot(trainer), trainer.pseudo_index.tolist(), curves
+
+
 def _two_worker_loop(config: dict) -> dict:
     """On each Ray Train worker: 5 steps of every method; rank 0 returns its parameters and
     how far the other replica's parameters are from them."""
@@ -80,6 +91,7 @@ def _two_worker_loop(config: dict) -> dict:
         dist.all_gather_object(gathered, params)
         replica_gap = max(np.abs(gathered[0][k] - gathered[1][k]).max() for k in params)
         out[name] = (params, replica_gap)
+    out["pseudo"] = pseudo_run(world=2)
     return out
 
 
@@ -126,6 +138,12 @@ def test_two_workers_equal_one_worker_with_the_global_batch(ray_session, tmp_pat
         start = five_steps(method, world=1, steps=0)
         moved = max(np.abs(one[k] - start[k]).max() for k in one)
         assert moved > 1e-3, name  # the comparison is not between untouched parameters
+    # the pseudo meta set: losses gathered from both workers, one mixture fit, the same choice
+    two, chosen_two, curves_two = result.return_value["pseudo"]
+    one, chosen_one, curves_one = pseudo_run(world=1)
+    assert chosen_two == chosen_one and len(chosen_one) >= 16
+    assert [c["pseudo_meta_size"] for c in curves_two] == [c["pseudo_meta_size"] for c in curves_one]
+    assert max(np.abs(one[k] - two[k]).max() for k in one) < 1e-6
 
 
 def _worker_pids() -> list[int]:

@@ -71,6 +71,21 @@ def test_summary_is_mean_std_n_in_percent(tmp_path):
     assert latex.rstrip().endswith("\\end{tabular}")
 
 
+def test_summary_of_a_metric_some_trials_lack_leaves_them_out(tmp_path):
+    """The pseudo meta set's precision exists only for trials with meta_set.source pseudo."""
+    store = str(tmp_path)
+    fill(store)
+    for seed, precision in enumerate([0.9, 0.8]):
+        write_trial(store, "s", f"pseudo-{seed}", {**row("mwnet", "uniform", 0.4, seed, 0.9),
+                                                   "final_pseudo_meta_precision": precision}, [])
+    trials = query.load(store, "trials", "s")
+    table = query.summary(trials, metric="final_pseudo_meta_precision", mark_best=False)
+    assert table.columns == ["method", "uniform 0.4"]  # no pseudo trial is clean: no column
+    assert table.to_dicts() == [{"method": "mwnet", "uniform 0.4": "85.00 ± 7.07 (2)"}]
+    with pytest.raises(ConfigError, match="no completed trial has a value of final_rare"):
+        query.summary(trials.with_columns(final_rare_third_acc=None), metric="final_rare_third_acc")
+
+
 def test_famus_rows_get_a_suffix(tmp_path):
     store = str(tmp_path)
     fill(store)

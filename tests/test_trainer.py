@@ -36,11 +36,17 @@ METHODS = [{"name": "ce"}, {"name": "mwnet"}, {"name": "l2r"}, {"name": "mlc"},
            {"name": "mwnet", "meta_interval": 4, "meta_optimizer": "adam"}]
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m["name"])
-def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, method):
-    """Every method's state (meta-model, its optimizer, teacher, encoder, random streams)
-    survives a checkpoint: stopping after 2 epochs and resuming gives the same run."""
-    config = cfg(train={"epochs": 4}, noise={"type": "uniform", "rate": 0.3}, method=method,
+PSEUDO = {"per_class": None, "source": "pseudo", "pseudo": {"warmup_epochs": 1, "min_size": 8}}
+RUNS = [{"method": m} for m in METHODS] + [{"method": {"name": "mwnet"}, "meta_set": PSEUDO}]
+
+
+@pytest.mark.parametrize("sections", RUNS, ids=lambda r: r["method"]["name"] + (
+    "+pseudo" if "meta_set" in r else ""))
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, sections):
+    """Every method's state (meta-model, its optimizer, teacher, encoder, random streams, the
+    pseudo meta set) survives a checkpoint: stopping after 2 epochs and resuming gives the
+    same run."""
+    config = cfg(train={"epochs": 4}, noise={"type": "uniform", "rate": 0.3}, **sections,
                  dataset={"augment": "crop_flip"})  # augmentation draws random numbers too
     straight = Trainer(config).fit()
 

@@ -124,6 +124,9 @@ def _meta_split(raw, cfg: ExperimentConfig):
         meta_idx = stratified_pick(test_y, k, cfg.meta_set, split_rng, "test")
         meta = Split(test_x[meta_idx], test_y[meta_idx], test_y[meta_idx], meta_idx)
         test_keep = np.setdiff1d(test_keep, meta_idx)
+    elif source == "pseudo":  # chosen each epoch by the trainer from the training samples
+        meta_idx = np.zeros(0, dtype=np.int64)
+        meta = Split(train_x[meta_idx], train_y[meta_idx], train_y[meta_idx], meta_idx)
     else:
         if raw.val_y is None:
             raise ConfigError(f"meta_set.source val needs a dataset with a clean validation split "

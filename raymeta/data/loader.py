@@ -8,6 +8,7 @@ Lazily decoded image files (clothing1m) are decoded per batch instead.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +58,17 @@ class DeviceSplit:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def subset(self, index: torch.Tensor) -> DeviceSplit:
+        """The samples at `index` as a split of their own (gathered on the device)."""
+        part = copy.copy(self)
+        index = index.to(self.device)
+        if self.lazy:
+            part.files = self.files[index.cpu().numpy()]
+        else:
+            part.x = self.x[index]
+        part.y, part.y_clean = self.y[index], self.y_clean[index]
+        return part
 
     def inputs(self, index: torch.Tensor) -> torch.Tensor:
         """Float inputs in [0, 1] (images) or raw features, for the given positions."""

@@ -134,6 +134,12 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
     ok = status == "completed"
     if not trials.select(ok.any()).item():
         raise ConfigError("no completed trials to summarise (see `raymeta results failed`)")
+    # completed trials a metric does not apply to (e.g. the pseudo meta set's precision of a
+    # trial with a clean meta set) have no value: they are not part of its table
+    trials = trials.filter(~ok | pl.col(metric_col).is_not_null())
+    if not trials.select(ok.any()).item():
+        raise ConfigError(f"no completed trial has a value of {metric_col}; it applies to some "
+                          f"settings only (e.g. final_rare_third_acc to dataset.imbalance > 1)")
     cells = (trials.group_by([*by, *columns])
              .agg((pl.col(metric_col).filter(ok).mean() * 100).alias("mean"),
                   (pl.col(metric_col).filter(ok).std() * 100).alias("std"),

@@ -31,7 +31,8 @@ from raymeta.data.bundle import DataBundle, build_data, seeded_rng
 from raymeta.data.loader import DeviceSplit
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.methods import Engine, build_method
-from raymeta.methods.base import masked_sum_count, scalar_sum_count
+from raymeta.data import pseudo
+from raymeta.methods.base import Method, masked_sum_count, per_sample_ce, scalar_sum_count
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
@@ -86,6 +87,12 @@ def check_checkpoint(path: str | Path, cfg: ExperimentConfig) -> None:
     _check_digest(torch.load(path, map_location="cpu", weights_only=False, mmap=True), path, cfg)
 
 
+OPTIONAL_FINALS = {"test_acc_rare_third": "final_rare_third_acc",
+                   "pseudo_meta_size": "final_pseudo_meta_size",
+                   "pseudo_meta_precision": "final_pseudo_meta_precision"}
+"""per-epoch metrics of some settings (long-tailed data, pseudo meta sets) -> results column"""
+
+
 def curve_outcome(curves: list[dict]) -> dict:
     """What a results row says about the accuracy curves: final, peak, at the best meta epoch."""
     test = np.array([c["test_acc"] for c in curves])
@@ -97,8 +104,8 @@ def curve_outcome(curves: list[dict]) -> dict:
             "final_meta_acc": float(meta[-1]), "best_meta_epoch": best_meta,
             "test_acc_at_best_meta": float(test[best_meta]),
             "final_train_loss": float(curves[-1]["train_loss"]),
-            **({"final_rare_third_acc": float(curves[-1]["test_acc_rare_third"])}
-               if "test_acc_rare_third" in curves[-1] else {})}
+            **{column: float(curves[-1][key]) for key, column in OPTIONAL_FINALS.items()
+               if key in curves[-1]}}
 
 
 def pick_device(name: str) -> torch.device:
@@ -140,11 +147,17 @@ class Trainer:
                                    self.model).to(self.device, self.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.engine = Engine(self.model, self.optimizer)
+        self.pseudo = cfg.meta_set.pseudo if cfg.meta_set.source == "pseudo" else None
+        """settings of the pseudo-clean meta set, chosen each epoch (None: a fixed meta set)"""
+        self.pseudo_index: torch.Tensor | None = None
+        """positions in the training split of the current pseudo-clean meta set"""
+        self.warmup_method = Method(cfg.method, self.data.num_classes, self.model)
+        """plain cross-entropy, for the warm-up epochs before the first pseudo meta set"""
         if getattr(cfg.method, "famus", False):
             self.engine.famus = Famus(cfg.famus, self.model)
         self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device, self.dtype)
                        for name in ("train", "meta", "test")}
-        for name in ("train", "meta"):
+        for name in ("train",) if self.pseudo else ("train", "meta"):
             if len(self.splits[name]) < self.world:
                 raise ConfigError(f"the {name} split has {len(self.splits[name])} samples, fewer "
                                   f"than the {self.world} data-parallel workers; use fewer workers")
@@ -170,6 +183,9 @@ class Trainer:
         started = time.perf_counter()
         while self.epoch < self.cfg.train.epochs:
             metrics = self.train_epoch()
+            self.average_batchnorm_statistics()
+            if self.pseudo is not None:  # the meta set of the next epoch (and of this evaluation)
+                metrics.update(self.choose_pseudo_meta())
             metrics.update(self.evaluate())
             self.curves.append(metrics)
             self.epoch += 1
@@ -194,6 +210,8 @@ class Trainer:
             return meta.sample(cfg.train.meta_batch_size, self.gens.meta, self.data.augment,
                                self.gens.augment, rank, world)
 
+        warmup = self.pseudo is not None and self.epoch < self.pseudo.warmup_epochs
+        step = self.warmup_method.step if warmup else method.step
         sums: dict[str, torch.Tensor] = {}  # name -> [sum, count], on the device
         count = 0
         # the first step whose training / meta loss is not finite (-1: none), kept on the device
@@ -205,7 +223,7 @@ class Trainer:
                                    aug_generator=self.gens.augment,
                                    drop_last=len(train) > cfg.train.batch_size * world,
                                    rank=rank, world=world):
-            out = method.step(engine, batch, meta_batch)
+            out = step(engine, batch, meta_batch)
             pred = out.logits.argmax(1)
             values = {"loss": scalar_sum_count(out.loss.float()),
                       "acc": masked_sum_count((pred == batch.y).float(), batch.y >= 0),
@@ -252,7 +270,6 @@ class Trainer:
     def evaluate(self) -> dict:
         """Test and meta loss/accuracy, and the test accuracy per class; each worker evaluates
         its part of the split."""
-        self.average_batchnorm_statistics()
         self.model.eval()
         k = self.data.num_classes
         per_class = torch.zeros(2, k, device=self.device, dtype=torch.float64)  # correct, count
@@ -280,6 +297,45 @@ class Trainer:
             rare = class_acc[k - math.ceil(k / 3):]
             results["test_acc_rare_third"] = sum(rare) / len(rare)
         return results
+
+    @torch.no_grad()
+    def choose_pseudo_meta(self) -> dict:
+        """A pseudo-clean meta set from the model's losses on the whole training split
+        (`raymeta.data.pseudo`): each worker computes its part of the losses, the first fits
+        the mixture on all of them, and every worker gets the same choice. Returns how many it
+        took and how clean they are (known for synthetic noise; never used for training)."""
+        self.model.eval()
+        train = self.splits["train"]
+        losses = torch.zeros(len(train), dtype=torch.float64, device=self.device)
+        for batch in train.batches(self.cfg.train.eval_batch_size, shuffle=False,
+                                   rank=self.rank, world=self.world):
+            losses[batch.index] = per_sample_ce(self.model(batch.x), batch.y).double()
+        all_reduce_sum_([losses])
+        chosen = torch.zeros(len(train) + 1, dtype=torch.float64, device=self.device)
+        if self.rank == 0:  # one fit; the sum below hands its choice (and fallback flag) to all
+            labeled = np.flatnonzero(train.y.cpu().numpy() >= 0)  # unlabeled: no label to trust
+            values = losses.cpu().numpy()[labeled]
+            fit_seed = int(seeded_rng(self.cfg.seed, "pseudo", self.epoch).integers(2**31))
+            picked, fallback = pseudo.choose(pseudo.clean_posterior(values, fit_seed), values,
+                                             self.pseudo)
+            chosen[torch.as_tensor(labeled[picked], device=self.device)] = 1.0
+            chosen[-1] = float(fallback)
+        all_reduce_sum_([chosen])
+        self.use_pseudo_meta(torch.nonzero(chosen[:-1] > 0).flatten())
+        y, y_clean = self.splits["meta"].y, self.splits["meta"].y_clean
+        known = y_clean >= 0
+        correct = (train.y == train.y_clean) & (train.y_clean >= 0)
+        return {"pseudo_meta_size": len(y),
+                "pseudo_meta_precision": (y == y_clean)[known].double().mean().item(),
+                "pseudo_meta_recall": ((chosen[:-1] > 0) & correct).sum().item()
+                / max(correct.sum().item(), 1),
+                "pseudo_meta_classes": len(torch.unique(y)),
+                "pseudo_meta_fallback": bool(chosen[-1].item())}
+
+    def use_pseudo_meta(self, index: torch.Tensor) -> None:
+        """Draw meta batches (and evaluate the meta set) from these training positions."""
+        self.pseudo_index = index.cpu()
+        self.splits["meta"] = self.splits["train"].subset(index)
 
     @torch.no_grad()
     def average_batchnorm_statistics(self) -> None:
@@ -315,6 +371,7 @@ class Trainer:
                 "generators": self.gens.state(), "curves": self.curves,
                 "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
                 "steps": self.engine.steps, "restarts": self.restarts,
+                "pseudo_meta": self.pseudo_index,
                 "config_digest": self.cfg.digest(), "noisy_labels_sha": self.data.noise.sha}
 
     def save_checkpoint(self, folder: str | Path) -> Path:
@@ -344,4 +401,6 @@ class Trainer:
         self.epoch, self.curves = state["epoch"], state["curves"]
         self.train_seconds, self.meta_seconds = state["train_seconds"], state["meta_seconds"]
         self.engine.steps = state["steps"]
+        if state.get("pseudo_meta") is not None:
+            self.use_pseudo_meta(state["pseudo_meta"])
         self.restarts = state.get("restarts", 0) + 1
