@@ -328,6 +328,18 @@ class FamusConfig(_Config):
     cosine_every: int = Field(50, ge=0)
     """every N meta steps, measure the cosine similarity between the FaMUS meta gradient and
     the full one on the same batch (0: never)"""
+    exact_below_window: bool = True
+    """true: the tensors below the window (`candidates`) take their exact virtual step, as in
+    the paper and the released code; false: they keep their current values in the meta
+    forward, so neither the virtual nor the meta backward goes below the window (cheaper;
+    theta' is then approximate below the window)"""
+
+    @model_validator(mode="after")
+    def _window(self) -> FamusConfig:
+        if not self.exact_below_window and self.candidates is None:
+            raise ValueError("famus.exact_below_window false needs a window: set famus.candidates "
+                             "(the number of last parameter tensors the samplers cover)")
+        return self
 
 
 # ---------------------------------------------------------------------------- train/run

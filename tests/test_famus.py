@@ -68,6 +68,26 @@ def test_virtual_step_values_are_exact_whatever_the_gates():
         torch.testing.assert_close(value, exact[name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method_cfg", METHODS, ids=lambda m: m["name"])
+def test_window_only_virtual_step_is_the_meta_gradient_with_lower_layers_frozen(method_cfg):
+    """exact_below_window false, all gates on: the meta gradient of a model whose tensors below
+    the window take no virtual step (there, the full meta gradient with them frozen)."""
+    method, engine = famus_setup(method_cfg, candidates=2, exact_below_window=False)
+    train, meta = batch(8, 1), batch(6, 2)
+    params = method.meta_parameters(train)
+    full = torch.autograd.grad(engine.meta_objective(method, engine.forward(train.x), train, meta), params)
+    engine.famus.force = True
+    windowed = famus_meta_gradient(method, engine, train, meta, params)
+    window = engine.famus.scope
+    assert window == list(engine.named_params())[-2:]
+    for name, p in engine.model.named_parameters():
+        p.requires_grad_(name in window)  # the reference: the rest frozen
+    frozen = torch.autograd.grad(engine.meta_objective(method, engine.forward(train.x), train, meta), params)
+    for f, w, r in zip(full, windowed, frozen):
+        torch.testing.assert_close(w, r, rtol=1e-10, atol=1e-12)
+    assert any(not torch.allclose(w, f) for w, f in zip(windowed, full))  # an approximation
+
+
 def test_samplers_receive_gradients_and_learn():
     method, engine = famus_setup({"name": "mwnet", "famus": True})
     before = [p.detach().clone() for p in engine.famus.parameters()]
@@ -112,6 +132,9 @@ def test_famus_config_errors():
                             "train": {"epochs": 1}, "meta_set": {"per_class": 5}})
     with pytest.raises(ConfigError, match="famus.detach_at 'nope' is not a module"):
         Trainer(cfg)
+    with pytest.raises(ConfigError, match="famus.exact_below_window false needs a window"):
+        parse_experiment({"method": {"name": "mwnet", "famus": True},
+                          "famus": {"exact_below_window": False}})
 
 
 def test_only_the_classifier_is_a_valid_baseline():

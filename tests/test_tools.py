@@ -1,5 +1,6 @@
 """The benchmark tools run and print their tables (tiny settings; numbers are not asserted)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,11 +9,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_meta_step_prints_every_variant():
+    extra = {"mwnet+window, every 2": {"method": {"name": "mwnet", "famus": True, "meta_interval": 2},
+                                       "famus": {"candidates": 2, "exact_below_window": False}}}
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_meta_step.py"), "--model", "resnet32",
          "--model-options", '{"blocks": 1}', "--batch", "8", "--warmup", "1", "--steps", "1",
-         "--repeats", "1", "--methods", "ce,mwnet,l2r", "--format", "markdown"],
+         "--repeats", "1", "--methods", "ce,mwnet,l2r", "--format", "markdown",
+         "--variants", json.dumps(extra)],
         capture_output=True, text=True, timeout=300, check=True)
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    assert [r.split("|")[1].strip() for r in rows[1:]] == ["ce", "mwnet", "mwnet+famus", "l2r", "l2r+famus"]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ")]
+    assert [r[0] for r in rows[1:]] == ["ce", "mwnet", "mwnet+famus", "l2r", "l2r+famus",
+                                        "mwnet+window, every 2",
+                                        "data path (gather, crop, flip, normalise)"]
+    by_label = {r[0]: r for r in rows[1:]}
+    assert float(by_label["mwnet+window, every 2"][3]) > 0  # x full: against full mwnet
+    assert float(by_label["data path (gather, crop, flip, normalise)"][2]) < 1  # x ce: a share
+    assert "2 steps after 2 warm-up" in proc.stdout  # whole meta intervals are timed
     assert "meta batch 8" in proc.stdout

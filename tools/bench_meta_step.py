@@ -2,11 +2,16 @@
 
 Side by side in one process, interleaved round-robin over repeats (this machine is shared and
 noisy; ratios taken in one run are what to compare), after warm-up steps. CIFAR-shaped random
-data, so no dataset is needed.
+data, so no dataset is needed. The last row times the data path of one step (gather a batch of
+device-resident uint8 images, crop, flip, normalise): its "x ce" is the share of a ce step
+spent outside the model.
 
     python tools/bench_meta_step.py --model preact_resnet18 --batch 64
     python tools/bench_meta_step.py --model wrn --model-options '{"depth": 28, "width": 10}' \
         --batch 100 --device cuda --format markdown
+    python tools/bench_meta_step.py --methods ce,mwnet --no-famus --variants \
+        '{"mwnet+famus window, every 2": {"method": {"name": "mwnet", "famus": true, "meta_interval": 2},
+          "famus": {"candidates": 17, "exact_below_window": false}}}'
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ import platform
 import statistics
 import time
 
+from types import SimpleNamespace
+
+import numpy as np
 import torch
 
 from raymeta.config import parse_experiment
-from raymeta.data.loader import Batch
+from raymeta.data.bundle import Split
+from raymeta.data.loader import Batch, DeviceSplit
 from raymeta.methods import Engine, build_method
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer
@@ -30,10 +39,16 @@ from raymeta.models import build_model
 def make_variant(name: str, famus: bool, args) -> dict:
     method_cfg = {"name": name}
     if name != "ce":
-        method_cfg["famus"] = famus
-    if name == "metalabelnet":
-        method_cfg["warmup_epochs"] = 1
-    cfg = parse_experiment({"method": method_cfg, "famus": json.loads(args.famus_options),
+        method_cfg.update(famus=famus, meta_interval=args.meta_interval)
+    label = f"{name}+famus" if famus else name
+    return build_variant(label, method_cfg, json.loads(args.famus_options), args)
+
+
+def build_variant(label: str, method_cfg: dict, famus_cfg: dict, args) -> dict:
+    method_cfg = dict(method_cfg)
+    if method_cfg["name"] == "metalabelnet":
+        method_cfg.setdefault("warmup_epochs", 1)
+    cfg = parse_experiment({"method": method_cfg, "famus": famus_cfg,
                             "optimizer": {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}})
     torch.manual_seed(0)
     model = build_model(args.model, args.classes, 3, args.image, **json.loads(args.model_options))
@@ -42,12 +57,11 @@ def make_variant(name: str, famus: bool, args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     method = build_method(cfg.method, args.classes, model).to(args.device)
     engine = Engine(model, build_optimizer(cfg.optimizer, model.parameters()))
-    if famus:
+    if getattr(cfg.method, "famus", False):
         engine.famus = Famus(cfg.famus, model)
         engine.famus.generator = torch.Generator().manual_seed(0)
     method.generator = torch.Generator().manual_seed(0)
     method.on_epoch_start(1, engine)  # past MetaLabelNet's warm-up: its encoder exists
-    label = f"{name}+famus" if famus else name
     return {"label": label, "method": method, "engine": engine, "times": [], "meta": []}
 
 
@@ -65,12 +79,34 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def data_variant(args) -> dict:
+    """The data path of one step: gather a batch of uint8 images resident on the device,
+    random crop and flip, normalise (raymeta.data.loader), as the Trainer does."""
+    n = 10_000
+    x = np.random.default_rng(0).integers(0, 256, (n, 3, args.image, args.image), dtype=np.uint8)
+    y = np.zeros(n, dtype=np.int64)
+    stats = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    split = DeviceSplit(Split(x, y, y, np.arange(n)), stats, torch.device(args.device))
+    order, augment = torch.Generator().manual_seed(0), torch.Generator(args.device).manual_seed(1)
+
+    def batches():
+        while True:
+            yield from split.batches(args.batch, shuffle=True, augment="crop_flip",
+                                     order_generator=order, aug_generator=augment, drop_last=True)
+
+    stream = batches()
+    return {"label": "data path (gather, crop, flip, normalise)", "next": lambda: next(stream),
+            "times": [], "meta": []}
+
+
 def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, device: str) -> float:
-    engine, method = variant["engine"], variant["method"]
     sync(device)
     tic = time.perf_counter()
     for _ in range(steps):
-        method.step(engine, train, lambda: meta)
+        if "next" in variant:
+            variant["next"]()
+        else:
+            variant["method"].step(variant["engine"], train, lambda: meta)
     sync(device)
     return (time.perf_counter() - tic) / steps
 
@@ -88,6 +124,10 @@ def main() -> None:
     parser.add_argument("--methods", default="ce,mwnet,l2r,mlc,metalabelnet")
     parser.add_argument("--no-famus", action="store_true", help="only the full meta methods")
     parser.add_argument("--famus-options", default="{}", help="JSON for the famus section, e.g. '{\"k\": 4}'")
+    parser.add_argument("--meta-interval", type=int, default=1,
+                        help="meta methods update their meta-model every N steps")
+    parser.add_argument("--variants", default="{}",
+                        help="JSON {label: {method: {...}, famus: {...}}}: more variants to time")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
@@ -95,37 +135,48 @@ def main() -> None:
     parser.add_argument("--format", choices=["text", "markdown"], default="text")
     args = parser.parse_args()
     args.meta_batch = args.meta_batch or args.batch
+    extra = json.loads(args.variants)
+    # every variant times whole meta intervals: a k-step cycle has one meta update
+    cycle = max([args.meta_interval] + [v["method"].get("meta_interval", 1) for v in extra.values()])
+    args.steps = -(-args.steps // cycle) * cycle
+    args.warmup = -(-args.warmup // cycle) * cycle
 
     variants = []
     for name in args.methods.split(","):
         variants.append(make_variant(name, False, args))
         if name != "ce" and not args.no_famus:
             variants.append(make_variant(name, True, args))
+    variants += [build_variant(label, spec["method"], spec.get("famus", {}), args)
+                 for label, spec in extra.items()]
+    variants.append(data_variant(args))
     train, meta = random_batch(args.batch, args, 1), random_batch(args.meta_batch, args, 2)
     for v in variants:
         run_steps(v, train, meta, args.warmup, args.device)
-        v["engine"].take_meta_seconds()
+        if "engine" in v:
+            v["engine"].take_meta_seconds()
     for _ in range(args.repeats):
         for v in variants:  # round-robin, so slow phases of the machine hit every variant
             seconds = run_steps(v, train, meta, args.steps, args.device)
             v["times"].append(seconds)
-            v["meta"].append(v["engine"].take_meta_seconds() / (seconds * args.steps))
+            if "engine" in v:
+                v["meta"].append(v["engine"].take_meta_seconds() / (seconds * args.steps))
 
     ms = {v["label"]: 1000 * statistics.median(v["times"]) for v in variants}
     base = ms.get("ce")
     rows = []
     for v in variants:
         label = v["label"]
-        full = ms.get(label.removesuffix("+famus"))
+        full = ms.get(label.split("+")[0]) if "+" in label else None
         rows.append([label, f"{ms[label]:.1f}", f"{ms[label] / base:.2f}" if base else "",
-                     f"{ms[label] / full:.2f}" if label.endswith("+famus") else "",
-                     f"{statistics.median(v['meta']):.2f}"])
+                     f"{ms[label] / full:.2f}" if full else "",
+                     f"{statistics.median(v['meta']):.2f}" if v["meta"] else ""])
     header = ["method", "ms/step", "x ce", "x full", "meta share"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     title = (f"{args.model} {json.loads(args.model_options) or ''} batch {args.batch} "
              f"(meta batch {args.meta_batch}), {args.image}x{args.image}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), torch {torch.__version__}; median of "
-             f"{args.repeats} x {args.steps} steps after {args.warmup} warm-up")
+             f"{args.repeats} x {args.steps} steps after {args.warmup} warm-up"
+             + (f"; meta_interval {args.meta_interval}" if args.meta_interval > 1 else ""))
     if args.format == "markdown":
         print(title + "\n")
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))

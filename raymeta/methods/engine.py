@@ -65,10 +65,14 @@ class Engine:
         return functional_call(self.model, {**params, **buffers}, (x,))
 
     # ------------------------------------------------------------------ virtual step
-    def gradients(self, loss: torch.Tensor, create_graph: bool = True) -> dict[str, torch.Tensor]:
-        """Gradients of `loss` w.r.t. every trainable parameter (zeros where unused), summed
-        over workers (differentiably: the meta gradient flows back to every worker)."""
+    def gradients(self, loss: torch.Tensor, create_graph: bool = True,
+                  names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Gradients of `loss` w.r.t. every trainable parameter, or those named (zeros where
+        unused), summed over workers (differentiably: the meta gradient flows back to every
+        worker)."""
         params = self.named_params()
+        if names is not None:
+            params = {n: params[n] for n in names}
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph,
                                     allow_unused=True)
         grads = global_sum_many([torch.zeros_like(p) if g is None else g
@@ -77,13 +81,16 @@ class Engine:
 
     def step_params(self, grads: dict[str, torch.Tensor], lr: float | None = None,
                     mode: str = "optimizer") -> dict[str, torch.Tensor]:
-        """theta' = theta - lr * direction(grads), the real optimizer's step written functionally."""
+        """theta' = theta - lr * direction(grads), the real optimizer's step written functionally;
+        a tensor without a gradient in `grads` keeps its value."""
         group = self.optimizer.param_groups[0]
         lr = group["lr"] if lr is None else lr
         new = {}
         for name, p in self.named_params().items():
-            g = grads[name]
-            if mode == "sgd":
+            g = grads.get(name)
+            if g is None:
+                new[name] = p
+            elif mode == "sgd":
                 new[name] = p - lr * g
             elif isinstance(self.optimizer, torch.optim.Adam):
                 new[name] = p - lr * _adam_direction(p, g, group, self.optimizer.state.get(p, {}))
@@ -108,7 +115,7 @@ class Engine:
                         meta_batch: Batch):
         """FaMUS: the meta loss through the gated virtual step, and the samplers' extra loss."""
         cfg = method.cfg
-        grads = self.gradients(method.virtual_loss(logits, batch))
+        grads = self.gradients(method.virtual_loss(logits, batch), names=self.famus.scope)
         gated, gates = self.famus.gate_gradients(grads)
         theta = self.step_params(gated, cfg.virtual_lr, cfg.virtual_step)
         with self.famus.truncating():

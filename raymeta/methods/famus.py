@@ -71,6 +71,9 @@ class Famus:
         window = names if cfg.candidates is None else names[-cfg.candidates:]
         self.always_on = classifier if cfg.classifier_always_on else set()
         self.candidates = [n for n in window if n not in self.always_on]
+        self.scope: list[str] | None = None if cfg.exact_below_window else [
+            n for n in names if n in window or n in self.always_on]
+        """the tensors that take a virtual step (None: all, the exact virtual step)"""
         shapes = dict(model.named_parameters())
         first = next(model.parameters())
         device = first.device
