@@ -361,6 +361,19 @@ class TrainConfig(_Config):
     all-reduce per layer and forward) instead of each worker's own (the default)"""
     checkpoint: bool = True
     """save a checkpoint every epoch (needed to resume)"""
+    bf16: bool = False
+    """run matrix multiplies and convolutions in bfloat16 (torch.autocast; tensor cores on
+    GPUs); parameters, optimizer state, losses and the meta-model's updates stay float32"""
+    channels_last: bool = False
+    """images and convolution weights in channels-last memory layout (faster convolutions on
+    GPUs, especially with bf16)"""
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.bf16 and self.dtype != "float32":
+            raise ValueError(f"train.bf16 autocasts float32 models; train.dtype is {self.dtype}: "
+                             f"use one or the other")
+        return self
 
 
 class ResourcesConfig(_Config):

@@ -85,6 +85,8 @@ CASES = [
     ("pseudo warm-up as long as the training", "run",
      lambda d: experiment(meta_set={"source": "pseudo"}, **{"train.epochs": 5}), [],
      "leaves no epoch for the meta method"),
+    ("bf16 with float64", "run", lambda d: experiment(**{"train.bf16": True, "train.dtype": "float64"}), [],
+     "train.bf16 autocasts float32 models"),
     ("missing dataset files", "run",
      lambda d: experiment(dataset={"name": "cifar10", "root": str(d / "nowhere")}), [],
      "nowhere"),

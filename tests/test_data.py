@@ -107,6 +107,18 @@ def test_device_batches_cover_the_split_once_and_normalise():
     assert abs(full.x.mean().item()) < 1e-3 and abs(full.x.std().item() - 1) < 0.05
 
 
+def test_channels_last_batches_hold_the_same_images():
+    data = bundle()
+    data.train.x = np.random.default_rng(0).integers(0, 256, (len(data.train), 3, 8, 8), dtype=np.uint8)
+    data.mean, data.std = (0.5, 0.5, 0.5), (0.2, 0.2, 0.2)
+    plain, last = (next(DeviceSplit(data.train, data, torch.device("cpu"), layout=layout)
+                        .batches(16, shuffle=False, augment="crop_flip",
+                                 aug_generator=torch.Generator().manual_seed(0)))
+                   for layout in (torch.contiguous_format, torch.channels_last))
+    assert last.x.is_contiguous(memory_format=torch.channels_last) and not last.x.is_contiguous()
+    assert torch.equal(plain.x, last.x)
+
+
 def test_augment_crop_and_flip_are_exact_shifts():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).view(2, 3, 8, 8)
     g = torch.Generator().manual_seed(0)

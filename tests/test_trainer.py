@@ -88,3 +88,17 @@ def test_models_and_datasets_train_end_to_end(model, dataset):
     result = Trainer(cfg(model={"name": model, "options": {}}, dataset={"name": dataset},
                          train={"epochs": 1})).fit()
     assert 0.0 <= result.outcome["final_test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("method", [{"name": "ce"}, {"name": "mwnet", "famus": True}, {"name": "mlc"}],
+                         ids=lambda m: m["name"] + ("+famus" if m.get("famus") else ""))
+def test_bf16_autocast_trains_like_float32(method):
+    """train.bf16 really runs the model in bfloat16 (the run differs from float32), and learns
+    as well: every stage of the bilevel step works under autocast."""
+    runs = {bf16: Trainer(cfg(train={"epochs": 6, "batch_size": 64, "bf16": bf16}, method=method,
+                              noise={"type": "uniform", "rate": 0.3})).fit()
+            for bf16 in (False, True)}
+    full, half = runs[False].outcome, runs[True].outcome
+    assert half["final_train_loss"] != full["final_train_loss"]
+    assert half["final_test_acc"] > 0.85 and abs(half["final_test_acc"] - full["final_test_acc"]) < 0.03
+

@@ -99,14 +99,16 @@ def data_variant(args) -> dict:
             "times": [], "meta": []}
 
 
-def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, device: str) -> float:
+def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, device: str,
+              bf16: bool = False) -> float:
     sync(device)
     tic = time.perf_counter()
     for _ in range(steps):
         if "next" in variant:
             variant["next"]()
         else:
-            variant["method"].step(variant["engine"], train, lambda: meta)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                variant["method"].step(variant["engine"], train, lambda: meta)
     sync(device)
     return (time.perf_counter() - tic) / steps
 
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--variants", default="{}",
                         help="JSON {label: {method: {...}, famus: {...}}}: more variants to time")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as train.bf16")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
     parser.add_argument("--repeats", type=int, default=3)
@@ -151,12 +154,12 @@ def main() -> None:
     variants.append(data_variant(args))
     train, meta = random_batch(args.batch, args, 1), random_batch(args.meta_batch, args, 2)
     for v in variants:
-        run_steps(v, train, meta, args.warmup, args.device)
+        run_steps(v, train, meta, args.warmup, args.device, args.bf16)
         if "engine" in v:
             v["engine"].take_meta_seconds()
     for _ in range(args.repeats):
         for v in variants:  # round-robin, so slow phases of the machine hit every variant
-            seconds = run_steps(v, train, meta, args.steps, args.device)
+            seconds = run_steps(v, train, meta, args.steps, args.device, args.bf16)
             v["times"].append(seconds)
             if "engine" in v:
                 v["meta"].append(v["engine"].take_meta_seconds() / (seconds * args.steps))
@@ -176,7 +179,8 @@ def main() -> None:
              f"(meta batch {args.meta_batch}), {args.image}x{args.image}, {args.device} ({device}, "
              f"{torch.get_num_threads()} threads), torch {torch.__version__}; median of "
              f"{args.repeats} x {args.steps} steps after {args.warmup} warm-up"
-             + (f"; meta_interval {args.meta_interval}" if args.meta_interval > 1 else ""))
+             + (f"; meta_interval {args.meta_interval}" if args.meta_interval > 1 else "")
+             + ("; bf16 autocast" if args.bf16 else "") + ("; channels_last" if args.channels_last else ""))
     if args.format == "markdown":
         print(title + "\n")
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))

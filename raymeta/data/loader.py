@@ -44,9 +44,12 @@ class DeviceSplit:
     """One split on a device, normalised on the fly."""
 
     def __init__(self, split: Split, bundle: DataBundle, device: torch.device,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32,
+                 layout: torch.memory_format = torch.contiguous_format):
         self.device = device
         self.dtype = dtype
+        self.layout = layout
+        """memory format of image batches (channels_last for faster convolutions)"""
         self.lazy = isinstance(split.x, ImageFiles)
         self.files = split.x if self.lazy else None
         self.x = None if self.lazy else torch.as_tensor(np.ascontiguousarray(split.x)).to(device)
@@ -91,6 +94,8 @@ class DeviceSplit:
         if augment != "none" and x.dim() == 4 and x.shape[-1] > 1:
             x = augment_batch(x, augment, generator, draws=len(index), offset=start)
         x = ((x - self.mean) / self.std).to(self.dtype)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.layout)
         return Batch(x, self.y[mine], self.y_clean[mine], mine, start, len(index))
 
     def batches(self, batch_size: int, *, shuffle: bool, augment: str = "none",

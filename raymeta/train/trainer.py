@@ -141,6 +141,8 @@ class Trainer:
         channels, size = self.data.input_shape[0], self.data.input_shape[-1]
         self.model = build_model(cfg.model.name, self.data.num_classes, channels, size,
                                  **cfg.model.options).to(self.device, self.dtype)
+        if cfg.train.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         if cfg.train.sync_batchnorm and self.world > 1:
             synchronize_batchnorm(self.model)
         self.method = build_method(cfg.method, self.data.num_classes,
@@ -155,7 +157,9 @@ class Trainer:
         """plain cross-entropy, for the warm-up epochs before the first pseudo meta set"""
         if getattr(cfg.method, "famus", False):
             self.engine.famus = Famus(cfg.famus, self.model)
-        self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device, self.dtype)
+        layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device,
+                                         self.dtype, layout)
                        for name in ("train", "meta", "test")}
         for name in ("train",) if self.pseudo else ("train", "meta"):
             if len(self.splits[name]) < self.world:
@@ -223,7 +227,8 @@ class Trainer:
                                    aug_generator=self.gens.augment,
                                    drop_last=len(train) > cfg.train.batch_size * world,
                                    rank=rank, world=world):
-            out = step(engine, batch, meta_batch)
+            with self.autocast():
+                out = step(engine, batch, meta_batch)
             pred = out.logits.argmax(1)
             values = {"loss": scalar_sum_count(out.loss.float()),
                       "acc": masked_sum_count((pred == batch.y).float(), batch.y >= 0),
@@ -278,7 +283,8 @@ class Trainer:
             sum_ = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, correct
             for batch in self.splits[name].batches(self.cfg.train.eval_batch_size, shuffle=False,
                                                    rank=self.rank, world=self.world):
-                logits = self.model(batch.x)
+                with self.autocast():
+                    logits = self.model(batch.x).float()
                 sum_[0] += F.cross_entropy(logits, batch.y, reduction="sum")
                 correct = logits.argmax(1) == batch.y
                 sum_[1] += correct.sum()
@@ -309,7 +315,9 @@ class Trainer:
         losses = torch.zeros(len(train), dtype=torch.float64, device=self.device)
         for batch in train.batches(self.cfg.train.eval_batch_size, shuffle=False,
                                    rank=self.rank, world=self.world):
-            losses[batch.index] = per_sample_ce(self.model(batch.x), batch.y).double()
+            with self.autocast():
+                logits = self.model(batch.x).float()
+            losses[batch.index] = per_sample_ce(logits, batch.y).double()
         all_reduce_sum_([losses])
         chosen = torch.zeros(len(train) + 1, dtype=torch.float64, device=self.device)
         if self.rank == 0:  # one fit; the sum below hands its choice (and fallback flag) to all
@@ -331,6 +339,10 @@ class Trainer:
                 / max(correct.sum().item(), 1),
                 "pseudo_meta_classes": len(torch.unique(y)),
                 "pseudo_meta_fallback": bool(chosen[-1].item())}
+
+    def autocast(self):
+        """bfloat16 matrix multiplies and convolutions when train.bf16 is set."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
 
     def use_pseudo_meta(self, index: torch.Tensor) -> None:
         """Draw meta batches (and evaluate the meta set) from these training positions."""
