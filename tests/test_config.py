@@ -80,6 +80,9 @@ def test_trial_ids_are_stable_and_identical_cells_run_once():
     assert len(cells) == 2  # the two noise entries are the same experiment
     assert [c.trial_id for c in cells] == [c.trial_id for c in expand(spec)]
     assert cells[0].trial_id.startswith("ce_digits_clean_s0_")
+    pseudo = expand(sweep(grid={"meta_set": [{"per_class": 5}, {"source": "pseudo"}],
+                                "train.epochs": [8]}))
+    assert [c.trial_id[:18] for c in pseudo] == ["ce_digits_clean_s0", "ce_digits-pseudo_c"]
 
 
 def test_exclude_and_its_errors():

@@ -49,8 +49,9 @@ def trial_id_for(cfg: ExperimentConfig, given: dict) -> str:
     replaces its rows instead of adding new ones beside them."""
     noise = "clean" if cfg.noise.type == "none" else f"{cfg.noise.type}{cfg.noise.rate:g}"
     method = cfg.method.name + ("-famus" if getattr(cfg.method, "famus", False) else "")
+    data = cfg.dataset.name + ("-pseudo" if cfg.meta_set.source == "pseudo" else "")
     text = json.dumps(given, sort_keys=True, default=str)
-    return f"{method}_{cfg.dataset.name}_{noise}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return f"{method}_{data}_{noise}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def _now() -> str:
