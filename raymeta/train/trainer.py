@@ -10,6 +10,10 @@ trains on its contiguous part (`raymeta.parallel`); metrics and evaluation are s
 workers, so every worker ends each epoch with the same model and the same numbers.
 BatchNorm uses each worker's own batch statistics in training; the running statistics are
 averaged across workers at each epoch's end, before evaluation.
+
+With `meta_set.source: pseudo` there is no fixed meta set: after a cross-entropy warm-up, the
+meta set of each epoch is chosen at the end of the previous one from the training losses
+(`choose_pseudo_meta`).
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ import torch.nn.functional as F
 
 from raymeta.config import ExperimentConfig
 from raymeta.data.bundle import DataBundle, build_data, seeded_rng
+from raymeta.data import pseudo
 from raymeta.data.loader import DeviceSplit
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.methods import Engine, build_method
-from raymeta.data import pseudo
 from raymeta.methods.base import Method, masked_sum_count, per_sample_ce, scalar_sum_count
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
@@ -284,7 +288,7 @@ class Trainer:
             for batch in self.splits[name].batches(self.cfg.train.eval_batch_size, shuffle=False,
                                                    rank=self.rank, world=self.world):
                 with self.autocast():
-                    logits = self.model(batch.x).float()
+                    logits = self.model(batch.x).to(self.dtype)  # bf16 -> float32
                 sum_[0] += F.cross_entropy(logits, batch.y, reduction="sum")
                 correct = logits.argmax(1) == batch.y
                 sum_[1] += correct.sum()
@@ -316,7 +320,7 @@ class Trainer:
         for batch in train.batches(self.cfg.train.eval_batch_size, shuffle=False,
                                    rank=self.rank, world=self.world):
             with self.autocast():
-                logits = self.model(batch.x).float()
+                logits = self.model(batch.x).to(self.dtype)  # bf16 -> float32
             losses[batch.index] = per_sample_ce(logits, batch.y).double()
         all_reduce_sum_([losses])
         chosen = torch.zeros(len(train) + 1, dtype=torch.float64, device=self.device)
