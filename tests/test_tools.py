@@ -27,3 +27,12 @@ def test_bench_meta_step_prints_every_variant():
     assert float(by_label["data path (gather, crop, flip, normalise)"][2]) < 1  # x ce: a share
     assert "2 steps after 2 warm-up" in proc.stdout  # whole meta intervals are timed
     assert "meta batch 8" in proc.stdout
+
+
+def test_bench_times_a_whole_epoch_of_device_resident_data():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_meta_step.py"), "--model", "resnet32",
+         "--model-options", '{"blocks": 1}', "--batch", "16", "--epoch", "100"],
+        capture_output=True, text=True, timeout=300, check=True)
+    assert "one epoch of ce, resnet32, 96 samples in batches of 16" in proc.stdout  # 6 full batches
+    assert "samples/s" in proc.stdout

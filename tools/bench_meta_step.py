@@ -4,7 +4,8 @@ Side by side in one process, interleaved round-robin over repeats (this machine 
 noisy; ratios taken in one run are what to compare), after warm-up steps. CIFAR-shaped random
 data, so no dataset is needed. The last row times the data path of one step (gather a batch of
 device-resident uint8 images, crop, flip, normalise): its "x ce" is the share of a ce step
-spent outside the model.
+spent outside the model. `--epoch 50000` times instead one CIFAR-sized epoch of ce, data path
+included.
 
     python tools/bench_meta_step.py --model preact_resnet18 --batch 64
     python tools/bench_meta_step.py --model wrn --model-options '{"depth": 28, "width": 10}' \
@@ -79,14 +80,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def device_images(n: int, args) -> DeviceSplit:
+    """n random CIFAR-shaped uint8 images with random labels, held on the device."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, 3, args.image, args.image), dtype=np.uint8)
+    y = rng.integers(0, args.classes, n)
+    stats = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    return DeviceSplit(Split(x, y, y, np.arange(n)), stats, torch.device(args.device), layout=layout)
+
+
 def data_variant(args) -> dict:
     """The data path of one step: gather a batch of uint8 images resident on the device,
     random crop and flip, normalise (raymeta.data.loader), as the Trainer does."""
-    n = 10_000
-    x = np.random.default_rng(0).integers(0, 256, (n, 3, args.image, args.image), dtype=np.uint8)
-    y = np.zeros(n, dtype=np.int64)
-    stats = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    split = DeviceSplit(Split(x, y, y, np.arange(n)), stats, torch.device(args.device))
+    split = device_images(10_000, args)
     order, augment = torch.Generator().manual_seed(0), torch.Generator(args.device).manual_seed(1)
 
     def batches():
@@ -97,6 +104,33 @@ def data_variant(args) -> dict:
     stream = batches()
     return {"label": "data path (gather, crop, flip, normalise)", "next": lambda: next(stream),
             "times": [], "meta": []}
+
+
+def time_epoch(args) -> str:
+    """One epoch of ce over --epoch device-resident samples, data path included."""
+    variant = make_variant("ce", False, args)
+    split = device_images(args.epoch, args)
+    order, augment = torch.Generator().manual_seed(0), torch.Generator(args.device).manual_seed(1)
+
+    def epoch() -> int:
+        steps = 0
+        for batch in split.batches(args.batch, shuffle=True, augment="crop_flip", drop_last=True,
+                                   order_generator=order, aug_generator=augment):
+            with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                                enabled=args.bf16):
+                variant["method"].step(variant["engine"], batch, lambda: batch)
+            steps += 1
+        return steps
+
+    epoch()  # warm-up: allocator, kernels, autotuning
+    sync(args.device)
+    tic = time.perf_counter()
+    steps = epoch()
+    sync(args.device)
+    seconds = time.perf_counter() - tic
+    return (f"one epoch of ce, {args.model}, {steps * args.batch} samples in batches of "
+            f"{args.batch} (data path included): {seconds:.2f} s, "
+            f"{steps * args.batch / seconds:,.0f} samples/s")
 
 
 def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, device: str,
@@ -132,12 +166,18 @@ def main() -> None:
                         help="JSON {label: {method: {...}, famus: {...}}}: more variants to time")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as train.bf16")
+    parser.add_argument("--epoch", type=int, default=0, metavar="N",
+                        help="only time one epoch of ce over N device-resident samples (50000: "
+                             "a CIFAR epoch), after one untimed epoch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--format", choices=["text", "markdown"], default="text")
     args = parser.parse_args()
     args.meta_batch = args.meta_batch or args.batch
+    if args.epoch:
+        print(time_epoch(args))
+        return
     extra = json.loads(args.variants)
     # every variant times whole meta intervals: a k-step cycle has one meta update
     cycle = max([args.meta_interval] + [v["method"].get("meta_interval", 1) for v in extra.values()])
