@@ -1,6 +1,9 @@
 """Pseudo-clean meta sets (meta_set.source pseudo): no clean labels; each epoch a loss mixture
 chooses the meta set among the training samples."""
 
+import math
+
+import fixtures_formats as fx
 import numpy as np
 import pytest
 
@@ -32,11 +35,10 @@ def test_the_mixture_picks_the_low_loss_mode():
     assert np.allclose(pseudo.clean_posterior(losses * 40 + 3, seed=0), posterior, atol=1e-6)
 
 
-@pytest.mark.parametrize("settings,expected", [
-    ({"min_size": 400}, "median"),    # 300 pass the threshold: too few
-    ({"max_fraction": 0.5}, "median"),  # 300 of 500 pass: too many
-])
-def test_too_small_or_too_large_sets_fall_back_to_the_median(settings, expected):
+@pytest.mark.parametrize("settings", [{"min_size": 400},      # 300 pass the threshold: too few
+                                      {"max_fraction": 0.5}],  # 300 of 500 pass: too many
+                         ids=["too few", "too many"])
+def test_too_small_or_too_large_sets_fall_back_to_the_median(settings):
     losses = two_modes(300, 200)
     posterior = pseudo.clean_posterior(losses, seed=0)
     chosen, fallback = pseudo.choose(posterior, losses, PseudoMetaConfig(**settings))
@@ -80,3 +82,21 @@ def test_unlabeled_samples_never_join_the_pseudo_meta_set():
     assert len(trainer.pseudo_index) > 64
     assert (trainer.splits["train"].y[trainer.pseudo_index] >= 0).all()
     assert (trainer.splits["meta"].y >= 0).all()
+
+
+def test_real_noise_and_lazily_decoded_images(tmp_path):
+    """Clothing1M's layout (images decoded per batch, no true training labels): the pseudo
+    meta set is a lazy subset of the files, and its precision and recall are unknown (NaN)."""
+    root = fx.write_clothing1m(tmp_path)
+    cfg = parse_experiment({
+        "dataset": {"name": "clothing1m", "root": str(root), "image_size": 16},
+        "noise": {"type": "real"}, "model": {"name": "lenet"}, "method": {"name": "mwnet"},
+        "meta_set": {"source": "pseudo", "pseudo": {"warmup_epochs": 1, "min_size": 2}},
+        "train": {"epochs": 2, "batch_size": 4, "meta_batch_size": 4}})
+    trainer = Trainer(cfg)
+    last = trainer.fit().curves[-1]
+    meta = trainer.splits["meta"]
+    assert meta.lazy and len(meta) == last["pseudo_meta_size"] >= 2
+    assert list(meta.files.paths) == list(trainer.splits["train"].files.paths[trainer.pseudo_index])
+    assert math.isnan(last["pseudo_meta_precision"]) and math.isnan(last["pseudo_meta_recall"])
+

@@ -337,10 +337,10 @@ class Trainer:
         y, y_clean = self.splits["meta"].y, self.splits["meta"].y_clean
         known = y_clean >= 0
         correct = (train.y == train.y_clean) & (train.y_clean >= 0)
-        return {"pseudo_meta_size": len(y),
+        caught = ((chosen[:-1] > 0) & correct).sum().item()
+        return {"pseudo_meta_size": len(y),  # precision and recall: NaN without true labels
                 "pseudo_meta_precision": (y == y_clean)[known].double().mean().item(),
-                "pseudo_meta_recall": ((chosen[:-1] > 0) & correct).sum().item()
-                / max(correct.sum().item(), 1),
+                "pseudo_meta_recall": caught / correct.sum().item() if correct.any() else math.nan,
                 "pseudo_meta_classes": len(torch.unique(y)),
                 "pseudo_meta_fallback": bool(chosen[-1].item())}
 
