@@ -22,7 +22,6 @@ import json
 import platform
 import statistics
 import time
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -80,26 +79,33 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def device_images(n: int, args) -> DeviceSplit:
-    """n random CIFAR-shaped uint8 images with random labels, held on the device."""
+def autocast(args):
+    """bfloat16 autocast with --bf16, as train.bf16 does in the Trainer."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.bf16)
+
+
+def image_epochs(n: int, args):
+    """n random CIFAR-shaped uint8 images with random labels, held on the device; returns a
+    function that iterates one shuffled, augmented epoch of batches over them."""
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, 3, args.image, args.image), dtype=np.uint8)
     y = rng.integers(0, args.classes, n)
     stats = SimpleNamespace(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
-    return DeviceSplit(Split(x, y, y, np.arange(n)), stats, torch.device(args.device), layout=layout)
+    split = DeviceSplit(Split(x, y, y, np.arange(n)), stats, torch.device(args.device), layout=layout)
+    order, augment = torch.Generator().manual_seed(0), torch.Generator(args.device).manual_seed(1)
+    return lambda: split.batches(args.batch, shuffle=True, augment="crop_flip", drop_last=True,
+                                 order_generator=order, aug_generator=augment)
 
 
 def data_variant(args) -> dict:
     """The data path of one step: gather a batch of uint8 images resident on the device,
     random crop and flip, normalise (raymeta.data.loader), as the Trainer does."""
-    split = device_images(10_000, args)
-    order, augment = torch.Generator().manual_seed(0), torch.Generator(args.device).manual_seed(1)
+    epoch = image_epochs(10_000, args)
 
     def batches():
         while True:
-            yield from split.batches(args.batch, shuffle=True, augment="crop_flip",
-                                     order_generator=order, aug_generator=augment, drop_last=True)
+            yield from epoch()
 
     stream = batches()
     return {"label": "data path (gather, crop, flip, normalise)", "next": lambda: next(stream),
@@ -109,15 +115,12 @@ def data_variant(args) -> dict:
 def time_epoch(args) -> str:
     """One epoch of ce over --epoch device-resident samples, data path included."""
     variant = make_variant("ce", False, args)
-    split = device_images(args.epoch, args)
-    order, augment = torch.Generator().manual_seed(0), torch.Generator(args.device).manual_seed(1)
+    batches = image_epochs(args.epoch, args)
 
     def epoch() -> int:
         steps = 0
-        for batch in split.batches(args.batch, shuffle=True, augment="crop_flip", drop_last=True,
-                                   order_generator=order, aug_generator=augment):
-            with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
-                                enabled=args.bf16):
+        for batch in batches():
+            with autocast(args):
                 variant["method"].step(variant["engine"], batch, lambda: batch)
             steps += 1
         return steps
@@ -133,17 +136,16 @@ def time_epoch(args) -> str:
             f"{steps * args.batch / seconds:,.0f} samples/s")
 
 
-def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, device: str,
-              bf16: bool = False) -> float:
-    sync(device)
+def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, args) -> float:
+    sync(args.device)
     tic = time.perf_counter()
     for _ in range(steps):
         if "next" in variant:
             variant["next"]()
         else:
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            with autocast(args):
                 variant["method"].step(variant["engine"], train, lambda: meta)
-    sync(device)
+    sync(args.device)
     return (time.perf_counter() - tic) / steps
 
 
@@ -194,12 +196,12 @@ def main() -> None:
     variants.append(data_variant(args))
     train, meta = random_batch(args.batch, args, 1), random_batch(args.meta_batch, args, 2)
     for v in variants:
-        run_steps(v, train, meta, args.warmup, args.device, args.bf16)
+        run_steps(v, train, meta, args.warmup, args)
         if "engine" in v:
             v["engine"].take_meta_seconds()
     for _ in range(args.repeats):
         for v in variants:  # round-robin, so slow phases of the machine hit every variant
-            seconds = run_steps(v, train, meta, args.steps, args.device, args.bf16)
+            seconds = run_steps(v, train, meta, args.steps, args)
             v["times"].append(seconds)
             if "engine" in v:
                 v["meta"].append(v["engine"].take_meta_seconds() / (seconds * args.steps))

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.orchestrate.grid import Cell
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray

@@ -52,13 +52,13 @@ def list_folder(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
     """What a folder holds; nothing if it does not exist. pyarrow reports a folder that
     appears while it lists (a trial's first write) as an error: it fails to list, then finds
     the folder exists; a second listing sees it."""
-    for attempt in range(3):
+    selector = pafs.FileSelector(path, allow_not_found=True)
+    for _ in range(2):
         try:
-            return fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            return fs.get_file_info(selector)
         except FileNotFoundError:
-            if attempt == 2:
-                raise
-    return []
+            continue
+    return fs.get_file_info(selector)
 
 
 def table_dir(store: str, table: str, sweep: str) -> str:

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from raymeta.config import ExperimentConfig
-from raymeta.data.bundle import DataBundle, build_data, seeded_rng
 from raymeta.data import pseudo
+from raymeta.data.bundle import DataBundle, build_data, seeded_rng
 from raymeta.data.loader import DeviceSplit
 from raymeta.errors import ConfigError, RaymetaError
 from raymeta.methods import Engine, build_method
@@ -287,8 +287,7 @@ class Trainer:
             sum_ = torch.zeros(2, device=self.device, dtype=torch.float64)  # loss, correct
             for batch in self.splits[name].batches(self.cfg.train.eval_batch_size, shuffle=False,
                                                    rank=self.rank, world=self.world):
-                with self.autocast():
-                    logits = self.model(batch.x).to(self.dtype)  # bf16 -> float32
+                logits = self.eval_logits(batch)
                 sum_[0] += F.cross_entropy(logits, batch.y, reduction="sum")
                 correct = logits.argmax(1) == batch.y
                 sum_[1] += correct.sum()
@@ -319,9 +318,7 @@ class Trainer:
         losses = torch.zeros(len(train), dtype=torch.float64, device=self.device)
         for batch in train.batches(self.cfg.train.eval_batch_size, shuffle=False,
                                    rank=self.rank, world=self.world):
-            with self.autocast():
-                logits = self.model(batch.x).to(self.dtype)  # bf16 -> float32
-            losses[batch.index] = per_sample_ce(logits, batch.y).double()
+            losses[batch.index] = per_sample_ce(self.eval_logits(batch), batch.y).double()
         all_reduce_sum_([losses])
         chosen = torch.zeros(len(train) + 1, dtype=torch.float64, device=self.device)
         if self.rank == 0:  # one fit; the sum below hands its choice (and fallback flag) to all
@@ -347,6 +344,11 @@ class Trainer:
     def autocast(self):
         """bfloat16 matrix multiplies and convolutions when train.bf16 is set."""
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.bf16)
+
+    def eval_logits(self, batch) -> torch.Tensor:
+        """The model's logits for an evaluation batch, in the model's dtype (bf16 cast up)."""
+        with self.autocast():
+            return self.model(batch.x).to(self.dtype)
 
     def use_pseudo_meta(self, index: torch.Tensor) -> None:
         """Draw meta batches (and evaluate the meta set) from these training positions."""
