@@ -48,9 +48,12 @@ def cli() -> None:
               help="with --workers: restarts from the last checkpoint after a worker dies")
 @click.option("--address", default=None, help="with --workers: Ray cluster address "
               "(default: start a local Ray)")
+@click.option("--seeds", default=None, metavar="S,S,...",
+              help="train once per seed, all packed into one model in this process (ce, mwnet, "
+                   "l2r, mlc); one results row per seed")
 def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: str | None,
         resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
-        address: str | None) -> None:
+        address: str | None, seeds: str | None) -> None:
     """Train one experiment: in this process (no Ray), or on --workers Ray Train workers."""
     from raymeta.config import ResourcesConfig, parse_experiment, set_dotted
     from raymeta.orchestrate.grid import absolutize, read_yaml
@@ -65,6 +68,12 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
     data = absolutize(data, Path(config).resolve().parent)
     cfg = parse_experiment(data, where=config)
     trial_id = trial_id_for(cfg, data)
+    if seeds is not None:
+        if workers > 1:
+            raise ConfigError("--seeds packs seeds into this one process; it does not combine "
+                              "with --workers (use one or the other)")
+        _run_packed(cfg, data, _seed_list(seeds), store, sweep_name, out, resume)
+        return
     if workers > 1:
         resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=workers,
                                     gpus_per_trial=gpus_per_worker * workers,
@@ -91,6 +100,44 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
                     checkpoint_dir=folder, resume_from=resume_from)
     click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
                f"{row['best_test_acc']:.4f}; rows written to {store} (sweep '{sweep_name}')")
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise ConfigError(f"--seeds expects seeds separated by commas, like 0,1,2,3; got '{text}'")
+    return seeds
+
+
+def _run_packed(cfg, data: dict, seeds: list[int], store: str, sweep_name: str,
+                out: str | None, resume: bool) -> None:
+    """The seeds of one experiment, packed (raymeta.train.packed); a row per seed."""
+    from raymeta.orchestrate.preflight import preflight
+    from raymeta.orchestrate.trial import run_packed_trial, trial_id_for
+    from raymeta.train.packed import packed_configs
+
+    cfgs = packed_configs(cfg, seeds)
+    trial_ids = [trial_id_for(c, {**data, "seed": c.seed}) for c in cfgs]
+    folder = Path(out or Path("runs") / f"{trial_ids[0]}-pack{len(cfgs)}")
+    resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
+    if resume and resume_from is None:
+        click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
+    preflight(cfgs, store, None, None, trial_ids[0])
+
+    def progress(per_seed: list[dict], trainer) -> None:
+        accs = " ".join(f"{m['test_acc']:.4f}" for m in per_seed)
+        click.echo(f"epoch {per_seed[0]['epoch'] + 1:3d}/{cfg.train.epochs}  test_acc per seed "
+                   f"{accs}  {per_seed[0]['ms_per_step']:.1f} ms/step ({len(seeds)} seeds)")
+
+    rows = run_packed_trial(cfgs, trial_ids, store=store, sweep=sweep_name, on_epoch_end=progress,
+                            checkpoint_dir=folder, resume_from=resume_from)
+    for trial_id, row in zip(trial_ids, rows):
+        click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
+                   f"{row['best_test_acc']:.4f}")
+    click.echo(f"rows written to {store} (sweep '{sweep_name}')")
 
 
 def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, resources,

@@ -389,6 +389,10 @@ class ResourcesConfig(_Config):
     """multi-worker trials: restarts from the last checkpoint after a worker dies"""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """at most this many trials at once (default: what the cluster's resources allow)"""
+    seeds_per_trial: int = Field(1, ge=1)
+    """cells that differ only in their seed train this many at a time in one process, their
+    models packed into one (vmap); each seed still gets its own results row. For small models
+    on a GPU (ce, mwnet, l2r, mlc); on a CPU it is slower (docs/benchmarks.md)"""
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesConfig:
@@ -398,6 +402,9 @@ class ResourcesConfig(_Config):
                 f"gpus_per_trial {self.gpus_per_trial:g} over workers_per_trial "
                 f"{self.workers_per_trial} gives {per_worker:g} GPU per worker; workers of one "
                 f"run cannot share a GPU (NCCL refuses); use a multiple of workers_per_trial")
+        if self.seeds_per_trial > 1 and self.workers_per_trial > 1:
+            raise ValueError("seeds_per_trial > 1 packs small models into one process; it does "
+                             "not combine with workers_per_trial > 1 (use one or the other)")
         return self
 
     def per_worker(self, driver_cpus: float = 0.0) -> dict[str, float]:
@@ -483,6 +490,14 @@ class SweepSpec(_Config):
     """cells to skip: each entry maps dotted keys to values; a cell matching all is skipped"""
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        if self.resources.seeds_per_trial > 1 and self.early_stopping.scheduler != "none":
+            raise ValueError("early_stopping does not combine with resources.seeds_per_trial > 1 "
+                             "(it would stop every seed of a pack on their mean); use one or the "
+                             "other")
+        return self
 
 
 # ------------------------------------------------------------------------------- helpers

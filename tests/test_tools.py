@@ -36,3 +36,16 @@ def test_bench_times_a_whole_epoch_of_device_resident_data():
         capture_output=True, text=True, timeout=300, check=True)
     assert "one epoch of ce, resnet32, 96 samples in batches of 16" in proc.stdout  # 6 full batches
     assert "samples/s" in proc.stdout
+
+
+def test_bench_times_packed_seeds_against_one():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench_meta_step.py"), "--model", "resnet32",
+         "--model-options", '{"blocks": 1}', "--batch", "8", "--warmup", "1", "--steps", "1",
+         "--repeats", "1", "--methods", "ce,mwnet", "--packed", "1,2", "--format", "markdown"],
+        capture_output=True, text=True, timeout=300, check=True)
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ")]
+    assert [(r[0], r[1]) for r in rows[1:]] == [("ce", "1"), ("ce", "2"), ("mwnet", "1"), ("mwnet", "2")]
+    assert [r[4] for r in rows[1:]][::2] == ["1.00", "1.00"]  # each method against its one seed
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows[1:])

@@ -5,11 +5,13 @@ noisy; ratios taken in one run are what to compare), after warm-up steps. CIFAR-
 data, so no dataset is needed. The last row times the data path of one step (gather a batch of
 device-resident uint8 images, crop, flip, normalise): its "x ce" is the share of a ce step
 spent outside the model. `--epoch 50000` times instead one CIFAR-sized epoch of ce, data path
-included.
+included. `--packed 1,2,4,8` times instead K seeds trained as one packed model
+(`resources.seeds_per_trial`): samples/s of all seeds together, against K = 1.
 
     python tools/bench_meta_step.py --model preact_resnet18 --batch 64
     python tools/bench_meta_step.py --model wrn --model-options '{"depth": 28, "width": 10}' \
         --batch 100 --device cuda --format markdown
+    python tools/bench_meta_step.py --model cnn8 --batch 128 --methods ce,mwnet --packed 1,2,4,8
     python tools/bench_meta_step.py --methods ce,mwnet --no-famus --variants \
         '{"mwnet+famus window, every 2": {"method": {"name": "mwnet", "famus": true, "meta_interval": 2},
           "famus": {"candidates": 17, "exact_below_window": false}}}'
@@ -29,11 +31,13 @@ import torch
 
 from raymeta.config import parse_experiment
 from raymeta.data.bundle import Split
-from raymeta.data.loader import Batch, DeviceSplit
+from raymeta.data.loader import Batch, DeviceSplit, pack_batches
 from raymeta.methods import Engine, build_method
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer
+from raymeta.methods.packed import PackedMethod
 from raymeta.models import build_model
+from raymeta.models.packed import PackedModel
 
 
 def make_variant(name: str, famus: bool, args) -> dict:
@@ -63,6 +67,26 @@ def build_variant(label: str, method_cfg: dict, famus_cfg: dict, args) -> dict:
     method.generator = torch.Generator().manual_seed(0)
     method.on_epoch_start(1, engine)  # past MetaLabelNet's warm-up: its encoder exists
     return {"label": label, "method": method, "engine": engine, "times": [], "meta": []}
+
+
+def packed_variant(name: str, seeds: int, args) -> dict:
+    """`seeds` copies of a method and model packed as the Trainer packs seeds, each seed with
+    its own initialisation and its own random batches."""
+    cfg = parse_experiment({"method": {"name": name},
+                            "optimizer": {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}})
+    models, methods = [], []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        models.append(build_model(args.model, args.classes, 3, args.image,
+                                  **json.loads(args.model_options)).to(args.device))
+        methods.append(build_method(cfg.method, args.classes, models[-1]).to(args.device))
+        methods[-1].generator = torch.Generator().manual_seed(seed)
+    model = PackedModel(models)
+    return {"label": name, "seeds": seeds, "method": PackedMethod(methods),
+            "engine": Engine(model, build_optimizer(cfg.optimizer, model.parameters())),
+            "train_batch": pack_batches([random_batch(args.batch, args, 10 + s) for s in range(seeds)]),
+            "meta_batch": pack_batches([random_batch(args.meta_batch, args, 50 + s) for s in range(seeds)]),
+            "times": []}
 
 
 def random_batch(n: int, args, seed: int) -> Batch:
@@ -137,6 +161,7 @@ def time_epoch(args) -> str:
 
 
 def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, args) -> float:
+    train, meta = variant.get("train_batch", train), variant.get("meta_batch", meta)
     sync(args.device)
     tic = time.perf_counter()
     for _ in range(steps):
@@ -171,6 +196,9 @@ def main() -> None:
     parser.add_argument("--epoch", type=int, default=0, metavar="N",
                         help="only time one epoch of ce over N device-resident samples (50000: "
                              "a CIFAR epoch), after one untimed epoch")
+    parser.add_argument("--packed", default="", metavar="K,K,...",
+                        help="only time K seeds packed into one model (e.g. 1,2,4,8) for each "
+                             "of --methods that packs (ce, mwnet, l2r, mlc)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
     parser.add_argument("--repeats", type=int, default=3)
@@ -186,6 +214,9 @@ def main() -> None:
     args.steps = -(-args.steps // cycle) * cycle
     args.warmup = -(-args.warmup // cycle) * cycle
 
+    if args.packed:
+        print_packed(args)
+        return
     variants = []
     for name in args.methods.split(","):
         variants.append(make_variant(name, False, args))
@@ -216,14 +247,42 @@ def main() -> None:
                      f"{ms[label] / full:.2f}" if full else "",
                      f"{statistics.median(v['meta']):.2f}" if v["meta"] else ""])
     header = ["method", "ms/step", "x ce", "x full", "meta share"]
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    title = (f"{args.model} {json.loads(args.model_options) or ''} batch {args.batch} "
-             f"(meta batch {args.meta_batch}), {args.image}x{args.image}, {args.device} ({device}, "
-             f"{torch.get_num_threads()} threads), torch {torch.__version__}; median of "
-             f"{args.repeats} x {args.steps} steps after {args.warmup} warm-up"
-             + (f"; meta_interval {args.meta_interval}" if args.meta_interval > 1 else "")
+    title = (describe(args) + (f"; meta_interval {args.meta_interval}" if args.meta_interval > 1 else "")
              + ("; bf16 autocast" if args.bf16 else "") + ("; channels_last" if args.channels_last else ""))
-    if args.format == "markdown":
+    print_table(title, header, rows, args.format)
+
+
+def describe(args) -> str:
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    return (f"{args.model} {json.loads(args.model_options) or ''} batch {args.batch} "
+            f"(meta batch {args.meta_batch}), {args.image}x{args.image}, {args.device} ({device}, "
+            f"{torch.get_num_threads()} threads), torch {torch.__version__}; median of "
+            f"{args.repeats} x {args.steps} steps after {args.warmup} warm-up")
+
+
+def print_packed(args) -> None:
+    """Samples/s of K packed seeds (per seed batch --batch), side by side, against K = 1."""
+    counts = [int(k) for k in args.packed.split(",")]
+    variants = [packed_variant(name, k, args) for name in args.methods.split(",") for k in counts]
+    for v in variants:
+        run_steps(v, None, None, args.warmup, args)
+    for _ in range(args.repeats):
+        for v in variants:
+            v["times"].append(run_steps(v, None, None, args.steps, args))
+    rows, single = [], {}
+    for v in variants:
+        seconds = statistics.median(v["times"])
+        rate = v["seeds"] * args.batch / seconds
+        single.setdefault(v["label"], rate if v["seeds"] == 1 else None)
+        base = single[v["label"]]
+        rows.append([v["label"], str(v["seeds"]), f"{1000 * seconds:.1f}", f"{rate:,.0f}",
+                     f"{rate / base:.2f}" if base else ""])
+    header = ["method", "packed seeds", "ms/step", "samples/s", "x samples/s of 1 seed"]
+    print_table(describe(args) + "; batch per seed", header, rows, args.format)
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]], fmt: str) -> None:
+    if fmt == "markdown":
         print(title + "\n")
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for row in rows:

@@ -9,7 +9,7 @@ Lazily decoded image files (clothing1m) are decoded per batch instead.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,6 +38,23 @@ class Batch:
     def __post_init__(self):
         if self.global_size is None:
             self.global_size = len(self.y)
+
+
+@dataclass
+class PackedBatch(Batch):
+    """The batches of K seeds trained together (`raymeta.models.packed`): their rows
+    concatenated seed-major, and each seed's own batch."""
+
+    parts: list[Batch] = field(default_factory=list)
+
+
+def pack_batches(parts: list[Batch]) -> PackedBatch:
+    """One batch of the seeds' batches (each seed drew its own samples and augmentation)."""
+    if len({len(p.y) for p in parts}) > 1:
+        raise ValueError(f"packed seeds need batches of one size, got {[len(p.y) for p in parts]}")
+    return PackedBatch(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]),
+                       torch.cat([p.y_clean for p in parts]), torch.cat([p.index for p in parts]),
+                       parts=parts)
 
 
 class DeviceSplit:

@@ -16,6 +16,7 @@ import yaml
 from raymeta.config import (ExperimentConfig, SweepSpec, get_dotted, parse_experiment,
                             parse_sweep, set_dotted)
 from raymeta.errors import ConfigError
+from raymeta.methods.packed import packing_problem
 from raymeta.orchestrate.trial import trial_id_for
 
 PATH_KEYS = ("dataset.root", "noise.file", "noise.probs_file", "model.options.weights_path")
@@ -97,6 +98,9 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         if digest in seen:  # two grid cells that are the same experiment run once
             continue
         seen.add(digest)
+        if spec.resources.seeds_per_trial > 1 and (problem := packing_problem(cfg)):
+            errors.append(problem)  # the same for every seed: listed once
+            continue
         trial_id = trial_id_for(cfg, data)
         cells.append(Cell(trial_id, cfg, overrides))
     unused = [spec.exclude[i] for i in range(len(spec.exclude)) if i not in used_rules]
@@ -110,3 +114,13 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
     if not cells:
         raise ConfigError(f"sweep '{spec.name}' has no cells to run (every cell is excluded)")
     return cells
+
+
+def pack_cells(cells: list[Cell], seeds_per_trial: int) -> list[list[Cell]]:
+    """Cells that differ only in their seed, in groups of at most `seeds_per_trial` (in grid
+    order): each group trains as one packed trial."""
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.config.model_copy(update={"seed": 0}).digest(), []).append(cell)
+    return [group[i:i + seeds_per_trial] for group in groups.values()
+            for i in range(0, len(group), seeds_per_trial)]

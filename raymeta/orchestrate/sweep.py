@@ -7,6 +7,9 @@ trainable that builds a Ray Train TorchTrainer (the Train V2 pattern, ray-notes 
 rank-0 metrics are forwarded to Tune; Tune does not see Train's workers, so the number of
 concurrent trials is set from the cluster's resources.
 
+With `resources.seeds_per_trial: K`, cells that differ only in their seed train K at a time
+in one Tune trial (`raymeta.train.packed`), which writes each seed's rows.
+
 Optional early stopping (`early_stopping.scheduler: asha`) ranks trials on a meta-set or
 training metric per epoch; a stopped trial's rows are written from its last checkpoint.
 """
@@ -20,9 +23,9 @@ import tempfile
 import time
 
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
-from raymeta.orchestrate.grid import Cell
+from raymeta.orchestrate.grid import Cell, pack_cells
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
-from raymeta.orchestrate.trial import run_trial, trial_row
+from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row
 from raymeta.results.store import completed_digest, resolve_store, store_join, write_trial
 from raymeta.train.trainer import curve_outcome
 
@@ -37,6 +40,9 @@ def _tune_trial(config: dict) -> None:
     import ray.tune
 
     cell = config["cell"]
+    if "pack" in cell:
+        _tune_packed_trial(config, cell["pack"])
+        return
     cfg = ExperimentConfig.model_validate(cell["experiment"])
     resources = ResourcesConfig.model_validate(config["resources"])
     if (not config.get("rerun")
@@ -70,6 +76,38 @@ def _tune_trial(config: dict) -> None:
     else:  # a restarted trial continues from its last epoch
         with checkpoint.as_directory() as folder:
             run(resume_from=folder)
+
+
+def _tune_packed_trial(config: dict, pack: list[dict]) -> None:
+    """The Tune trainable of packed seeds: one process trains them all and writes a row for
+    each; Tune sees the mean of their metrics each epoch."""
+    import ray
+    import ray.tune
+
+    cfgs = [ExperimentConfig.model_validate(p["experiment"]) for p in pack]
+    trial_ids = [p["trial_id"] for p in pack]
+    if not config.get("rerun") and all(completed_digest(config["store"], config["sweep"], i)
+                                       == c.digest() for i, c in zip(trial_ids, cfgs)):
+        return
+
+    def report(per_seed: list[dict], trainer) -> None:
+        numeric = [k for k, v in per_seed[0].items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        metrics = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in numeric}
+        with tempfile.TemporaryDirectory() as folder:
+            trainer.save_checkpoint(folder)
+            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+    extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
+             "ray_node_id": ray.get_runtime_context().get_node_id()}
+    checkpoint = ray.tune.get_checkpoint()
+    if checkpoint is None:
+        run_packed_trial(cfgs, trial_ids, store=config["store"], sweep=config["sweep"],
+                         on_epoch_end=report, extra=extra)
+        return
+    with checkpoint.as_directory() as folder:  # a restarted trial continues from its last epoch
+        run_packed_trial(cfgs, trial_ids, store=config["store"], sweep=config["sweep"],
+                         on_epoch_end=report, resume_from=folder, extra=extra)
 
 
 def _progress_callback(total: int):
@@ -108,6 +146,8 @@ def _progress_callback(total: int):
                 text = f"stopped early after epoch {result['epoch']} (meta_acc {result['meta_acc']:.4f})"
             else:
                 text = f"test_acc {result['test_acc']:.4f}"
+                if "pack" in trial.config["cell"]:
+                    text += f" (mean of its {len(trial.config['cell']['pack'])} seeds)"
             self._line(trials, trial, text)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -171,6 +211,14 @@ def _trial_name(trial) -> str:
     return trial.config["cell"]["trial_id"]
 
 
+def _tune_cell(group: list[Cell]) -> dict:
+    """What one Tune trial trains: a cell, or (packed seeds) several cells named after the first."""
+    cells = [{"trial_id": c.trial_id, "experiment": c.config.model_dump(mode="json")} for c in group]
+    if len(cells) == 1:
+        return cells[0]
+    return {**cells[0], "trial_id": f"{cells[0]['trial_id']}-pack{len(cells)}", "pack": cells}
+
+
 def max_concurrent(resources: ResourcesConfig) -> int | None:
     """The sweep's concurrency limit: the user's, or for multi-worker trials (whose workers
     Tune cannot see) as many trials as the cluster's CPUs and GPUs hold."""
@@ -210,7 +258,8 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
         resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     trainable = ray.tune.with_resources(_tune_trial, resources)
     experiment = store_join(store, "tune", spec.name)
-    callbacks = [_progress_callback(len(cells))]
+    trials = [_tune_cell(group) for group in pack_cells(cells, spec.resources.seeds_per_trial)]
+    callbacks = [_progress_callback(len(trials))]
     scheduler = None
     stopping = spec.early_stopping
     if stopping.scheduler == "asha":
@@ -230,9 +279,7 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
             print(f"nothing to resume at {experiment}; starting the sweep", file=sys.stderr)
         param_space = {"store": store, "sweep": spec.name, "rerun": rerun,
                        "resources": spec.resources.model_dump(mode="json"),
-                       "cell": ray.tune.grid_search(
-                           [{"trial_id": c.trial_id, "experiment": c.config.model_dump(mode="json")}
-                            for c in cells])}
+                       "cell": ray.tune.grid_search(trials)}
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
             tune_config=ray.tune.TuneConfig(

@@ -18,6 +18,7 @@ from pathlib import Path
 from raymeta.config import ExperimentConfig
 from raymeta.results.store import write_trial
 from raymeta.train import Trainer
+from raymeta.train.packed import PackedTrainer
 
 
 @functools.cache
@@ -93,3 +94,24 @@ def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str,
         write_failed(store, sweep, trial_id, row, err, trainer.curves if trainer else [])
         raise
     return write_completed(store, sweep, trial_id, row, result)
+
+
+def run_packed_trial(cfgs: list[ExperimentConfig], trial_ids: list[str], *, store: str, sweep: str,
+                     on_epoch_end: Callable | None = None, checkpoint_dir: str | Path | None = None,
+                     resume_from: str | Path | None = None, extra: dict | None = None) -> list[dict]:
+    """Train the seeds of one configuration together (`PackedTrainer`) and write each seed's
+    rows and curves; a failure writes a failed row for every seed and re-raises."""
+    extra = {**(extra or {}), "packed_seeds": len(cfgs)}
+    rows = [trial_row(cfg, sweep, extra) for cfg in cfgs]
+    trainer = None
+    try:
+        trainer = PackedTrainer(cfgs[0], [cfg.seed for cfg in cfgs], on_epoch_end=on_epoch_end,
+                                checkpoint_dir=checkpoint_dir, resume_from=resume_from)
+        results = trainer.fit()
+    except Exception as err:  # KeyboardInterrupt, SystemExit: leave no rows
+        print(traceback.format_exc(), file=sys.stderr)
+        for k, (trial_id, row) in enumerate(zip(trial_ids, rows)):
+            write_failed(store, sweep, trial_id, row, err, trainer.members[k].curves if trainer else [])
+        raise
+    return [write_completed(store, sweep, trial_id, row, result)
+            for trial_id, row, result in zip(trial_ids, rows, results)]

@@ -209,15 +209,8 @@ class Trainer:
                     lr_factor(cfg.schedule, self.epoch, cfg.train.epochs))
         self.model.train()
         method.on_epoch_start(self.epoch, engine)
-        train, meta = self.splits["train"], self.splits["meta"]
-        rank, world = self.rank, self.world
-        if world > 1:  # dropout differs per worker, reproducibly (and exactly after a resume)
-            torch.manual_seed(int(seeded_rng(cfg.seed, "dropout", self.epoch, rank).integers(2**62)))
-
-        def meta_batch():
-            return meta.sample(cfg.train.meta_batch_size, self.gens.meta, self.data.augment,
-                               self.gens.augment, rank, world)
-
+        if self.world > 1:  # dropout differs per worker, reproducibly (and exactly after a resume)
+            torch.manual_seed(int(seeded_rng(cfg.seed, "dropout", self.epoch, self.rank).integers(2**62)))
         warmup = self.pseudo is not None and self.epoch < self.pseudo.warmup_epochs
         step = self.warmup_method.step if warmup else method.step
         sums: dict[str, torch.Tensor] = {}  # name -> [sum, count], on the device
@@ -226,20 +219,10 @@ class Trainer:
         first_bad = torch.full((2,), -1, dtype=torch.long, device=self.device)
         engine.last_meta_loss = None
         tic = time.perf_counter()
-        for batch in train.batches(cfg.train.batch_size, shuffle=True,
-                                   augment=self.data.augment, order_generator=self.gens.order,
-                                   aug_generator=self.gens.augment,
-                                   drop_last=len(train) > cfg.train.batch_size * world,
-                                   rank=rank, world=world):
+        for batch in self.epoch_batches():
             with self.autocast():
-                out = step(engine, batch, meta_batch)
-            pred = out.logits.argmax(1)
-            values = {"loss": scalar_sum_count(out.loss.float()),
-                      "acc": masked_sum_count((pred == batch.y).float(), batch.y >= 0),
-                      "acc_clean": masked_sum_count((pred == batch.y_clean).float(),
-                                                    batch.y_clean >= 0),
-                      **out.extras}
-            for key, value in values.items():
+                out = step(engine, batch, self.meta_batch)
+            for key, value in self.step_values(out, batch).items():
                 value = value.detach().float()
                 sums[key] = sums[key] + value if key in sums else value
             meta_loss = engine.last_meta_loss if engine.last_meta_loss is not None else out.loss
@@ -254,8 +237,9 @@ class Trainer:
         meta_seconds = engine.take_meta_seconds()
         self.train_seconds += seconds
         self.meta_seconds += meta_seconds
-        if not math.isfinite(means.get("loss", 0.0)):
-            raise TrainingDiverged(self._divergence(means["loss"], first_bad.tolist(), count))
+        for key, value in means.items():
+            if key.rpartition("/")[2] == "loss" and not math.isfinite(value):
+                raise TrainingDiverged(self._divergence(key, value, first_bad.tolist(), count))
         return {"epoch": self.epoch, "lr": lr, "epoch_seconds": seconds,
                 "ms_per_step": 1000.0 * seconds / max(count, 1),
                 "meta_step_share": meta_seconds / seconds if seconds else 0.0,
@@ -263,7 +247,30 @@ class Trainer:
                 **method.epoch_metrics(self.data),
                 **(engine.famus.epoch_metrics() if engine.famus is not None else {})}
 
-    def _divergence(self, mean_loss: float, first_bad: list[int], steps: int) -> str:
+    def epoch_batches(self):
+        """This epoch's training batches (this worker's part of each)."""
+        train, cfg = self.splits["train"], self.cfg
+        return train.batches(cfg.train.batch_size, shuffle=True, augment=self.data.augment,
+                             order_generator=self.gens.order, aug_generator=self.gens.augment,
+                             drop_last=len(train) > cfg.train.batch_size * self.world,
+                             rank=self.rank, world=self.world)
+
+    def meta_batch(self):
+        """A clean meta batch (this worker's part); drawn only on steps that update the meta-model."""
+        return self.splits["meta"].sample(self.cfg.train.meta_batch_size, self.gens.meta,
+                                          self.data.augment, self.gens.augment, self.rank,
+                                          self.world)
+
+    @staticmethod
+    def step_values(out, batch) -> dict[str, torch.Tensor]:
+        """What a step adds to the epoch's training metrics: name -> tensor([sum, count])."""
+        pred = out.logits.argmax(1)
+        return {"loss": scalar_sum_count(out.loss.float()),
+                "acc": masked_sum_count((pred == batch.y).float(), batch.y >= 0),
+                "acc_clean": masked_sum_count((pred == batch.y_clean).float(), batch.y_clean >= 0),
+                **out.extras}
+
+    def _divergence(self, key: str, mean_loss: float, first_bad: list[int], steps: int) -> str:
         """Which loss went non-finite first, and where, for the failed row."""
         cfg, name = self.cfg, self.method.name
         train_step, meta_step = first_bad
@@ -272,6 +279,8 @@ class Trainer:
         else:
             where = f"the training loss ({name}'s actual-step loss) became non-finite at step {train_step}"
         hint = "lower optimizer.lr" + (" or method.meta_lr" if self.method.uses_meta_batch else "")
+        seed, _, _ = key.rpartition("/")  # packed seeds: which of them
+        where = f"{where} (of the packed seeds; seed {seed}'s loss is {mean_loss})" if seed else where
         return (f"training loss is {mean_loss} in epoch {self.epoch}: {where} of {steps} "
                 f"(method {name}, optimizer.lr {cfg.optimizer.lr:g}); {hint}, or check the data")
 
@@ -377,6 +386,7 @@ class Trainer:
             "ms_per_step": 1000.0 * self.train_seconds / max(self.engine.steps, 1),
             "meta_step_share": self.meta_seconds / self.train_seconds if self.train_seconds else 0.0,
             "peak_memory_mb": peak_mb, "world_size": self.world, "restarts": self.restarts,
+            "packed_seeds": 1,  # seeds trained together with this one (raymeta.train.packed)
             "device": str(self.device),
             "gpu_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "",
             **self.data.summary(),
@@ -405,7 +415,10 @@ class Trainer:
         path = Path(path)
         if path.is_dir():
             path = path / CHECKPOINT_FILE
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state(torch.load(path, map_location=self.device, weights_only=False), path)
+
+    def load_state(self, state: dict, path: Path) -> None:
+        """Continue from a state_dict() read from the checkpoint at `path`."""
         _check_digest(state, path, self.cfg)
         if state["noisy_labels_sha"] != self.data.noise.sha:
             raise ConfigError(f"checkpoint {path} was trained on other noisy labels; the data "

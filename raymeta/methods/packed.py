@@ -1,0 +1,115 @@
+"""The methods of K packed seeds (`raymeta.models.packed`) as one method for the engine.
+
+Each seed keeps its own method object (its meta-model, meta optimizer, weights, random draws);
+every loss the engine asks for is the sum of the seeds' losses, each computed by that seed's
+method on its own rows of the logits and its own batch. Since seed k's rows depend only on
+seed k's slice of the packed model, every gradient (virtual, meta, actual) is, seed by seed,
+the gradient that seed would get training alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raymeta.data.loader import PackedBatch
+from raymeta.methods.base import MetaMethod, Method, StepOutput
+
+PACKABLE = ("ce", "mwnet", "l2r", "mlc")
+"""methods whose steps depend only on their own logits, batch and meta-model (MetaLabelNet
+freezes the model as its encoder and MLNT steps a teacher copy of it: both need the model)"""
+
+
+def packing_problem(cfg) -> str | None:
+    """Why the seeds of this experiment cannot be packed into one process (None: they can)."""
+    name = cfg.method.name
+    what = "packed seeds (resources.seeds_per_trial > 1, raymeta run --seeds)"
+    if name not in PACKABLE:
+        return (f"{what} work for {', '.join(PACKABLE)}; {name} needs the model itself, not "
+                f"only its outputs (a frozen encoder or a teacher copy): train {name} one seed "
+                f"per trial")
+    if getattr(cfg.method, "famus", False):
+        return (f"{what} do not combine with method.famus: FaMUS gates whole parameter "
+                f"tensors, and packing stacks each tensor over the seeds; train FaMUS one seed "
+                f"per trial")
+    if cfg.meta_set.source == "pseudo":
+        return (f"{what} do not combine with meta_set.source pseudo (each seed would choose "
+                f"a meta set of another size); train it one seed per trial")
+    return None
+
+
+class PackedMethod(MetaMethod):
+    """K seeds' methods of one kind, whose losses the engine sees summed."""
+
+    def __init__(self, members: list[Method]):
+        first = members[0]
+        self.members = members
+        self.cfg, self.name, self.num_classes = first.cfg, first.name, first.num_classes
+        self.uses_meta_batch = first.uses_meta_batch
+        self.per_sample_meta_parameters = getattr(first, "per_sample_meta_parameters", False)
+        self.meta_model = None
+        self.epoch = 0
+        self.outputs: list[StepOutput] = []
+        """each seed's loss, logits and extras of the latest step"""
+        self._losses: list[torch.Tensor] = []
+        self._meta_counts: list[int] = []
+
+    def _each(self, hook: str, logits: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
+        return [getattr(m, hook)(rows, part)
+                for m, rows, part in zip(self.members, logits.chunk(len(self.members)), batch.parts)]
+
+    def step(self, engine, batch: PackedBatch, meta_batch) -> StepOutput:
+        if isinstance(self.members[0], MetaMethod):
+            out = engine.bilevel_step(self, batch, meta_batch)
+        else:
+            logits = engine.forward(batch.x)
+            engine.actual_step(self.actual_loss(logits, batch))
+            out = StepOutput(sum(self._losses), logits.detach())
+        self.outputs = [StepOutput(loss, rows, m.step_extras(part) if m.uses_meta_batch else {})
+                        for m, loss, rows, part in zip(self.members, self._losses,
+                                                       out.logits.chunk(len(self.members)),
+                                                       batch.parts)]
+        return out
+
+    # the engine's hooks, each the sum over seeds
+    def meta_parameters(self, batch):
+        params = [m.meta_parameters(part) for m, part in zip(self.members, batch.parts)]
+        self._meta_counts = [len(p) for p in params]
+        return [t for p in params for t in p]
+
+    def virtual_loss(self, logits, batch):
+        return sum(self._each("virtual_loss", logits, batch))
+
+    def meta_loss(self, logits, meta_batch):
+        return sum(self._each("meta_loss", logits, meta_batch))
+
+    def apply_meta_gradient(self, grads):
+        start = 0
+        for m, count in zip(self.members, self._meta_counts):
+            m.apply_meta_gradient(grads[start:start + count])
+            start += count
+
+    def actual_loss(self, logits, batch):
+        hook = "actual_loss" if isinstance(self.members[0], MetaMethod) else "train_loss"
+        losses = self._each(hook, logits, batch)
+        self._losses = [loss.detach() for loss in losses]
+        return sum(losses)
+
+    def step_extras(self, batch):
+        return {}  # each seed's are in self.outputs
+
+    def on_epoch_start(self, epoch, engine) -> None:
+        self.epoch = epoch
+        for m in self.members:
+            m.on_epoch_start(epoch, engine)
+
+    def to(self, device, dtype=None) -> PackedMethod:
+        for m in self.members:
+            m.to(device, dtype)
+        return self
+
+    def state_dict(self) -> dict:
+        return {"members": [m.state_dict() for m in self.members]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, s in zip(self.members, state["members"]):
+            m.load_state_dict(s)

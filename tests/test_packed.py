@@ -1,0 +1,128 @@
+"""Packed seeds (`resources.seeds_per_trial`): K seeds in one vmapped model train exactly as K
+separate runs, resume exactly, refuse what they cannot pack, and write one row per seed."""
+
+import polars as pl
+import pytest
+import torch
+from conftest import tiny_experiment
+
+from raymeta.config import parse_experiment, parse_sweep
+from raymeta.errors import ConfigError
+from raymeta.methods.packed import PACKABLE
+from raymeta.models import build_model
+from raymeta.models.packed import PackedModel
+from raymeta.orchestrate.grid import expand, pack_cells
+from raymeta.orchestrate.sweep import run_sweep
+from raymeta.results import query
+from raymeta.train import Trainer
+from raymeta.train.packed import PackedTrainer
+
+
+def experiment(method: str, epochs: int = 2):
+    """float64, so that packed and separate runs can be compared to 1e-12."""
+    return parse_experiment(tiny_experiment(
+        model={"options": {"hidden": [32], "batchnorm": True}},
+        noise={"type": "uniform", "rate": 0.4},
+        train={"epochs": epochs, "batch_size": 64, "meta_batch_size": 32, "dtype": "float64"},
+        optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4},
+        method={"name": method}))
+
+
+def test_packed_model_equals_its_models_and_round_trips():
+    torch.manual_seed(0)
+    models = [build_model("cnn8", 10, 3, 16).double() for _ in range(3)]
+    packed = PackedModel(models)
+    x = torch.randn(3 * 4, 3, 16, 16, dtype=torch.float64)
+    out = packed(x)  # train mode: batch statistics, and each seed's running statistics move
+    for k, model in enumerate(models):
+        torch.testing.assert_close(out[4 * k:4 * (k + 1)], model(x[4 * k:4 * (k + 1)]))
+    copies = [build_model("cnn8", 10, 3, 16).double() for _ in range(3)]
+    packed.unpack_into(copies)
+    for model, copy in zip(models, copies):
+        for (name, a), b in zip(model.state_dict().items(), copy.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=name)  # running statistics included
+
+
+@pytest.mark.parametrize("method", PACKABLE)
+def test_packed_seeds_train_exactly_as_separate_runs(method):
+    cfg = experiment(method)
+    seeds = [0, 3]
+    packed = PackedTrainer(cfg, seeds)
+    results = packed.fit()
+    for seed, result, member in zip(seeds, results, packed.members):
+        alone = Trainer(cfg.model_copy(update={"seed": seed}))
+        expected = alone.fit()
+        for (name, a), b in zip(alone.model.state_dict().items(), member.model.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=f"{method} seed {seed} {name}")
+        for got, want in zip(result.curves, expected.curves):
+            for key in ("train_loss", "train_acc", "test_acc", "meta_acc", "meta_loss"):
+                assert got[key] == pytest.approx(want[key], abs=1e-12), (method, seed, key)
+        assert result.outcome["final_test_acc"] == expected.outcome["final_test_acc"]
+        assert result.outcome["packed_seeds"] == 2
+        assert result.outcome["noisy_labels_sha"] == expected.outcome["noisy_labels_sha"]
+    # the seeds really differ: their own labels, splits and initialisations
+    assert results[0].outcome["noisy_labels_sha"] != results[1].outcome["noisy_labels_sha"]
+
+
+def test_packed_resume_equals_an_uninterrupted_run(tmp_path):
+    cfg = experiment("mwnet", epochs=3)
+    saved = tmp_path / "after-epoch-1"
+
+    def keep_first(per_seed, trainer):
+        if trainer.epoch == 1:
+            trainer.save_checkpoint(saved)
+
+    whole = PackedTrainer(cfg, [1, 2], on_epoch_end=keep_first)
+    whole.fit()
+    resumed = PackedTrainer(cfg, [1, 2], resume_from=saved)
+    assert resumed.epoch == 1 and resumed.restarts == 1
+    results = resumed.fit()
+    for a, b in zip(whole.members, resumed.members):
+        for (name, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-12, msg=name)
+    assert [c["epoch"] for c in results[0].curves] == [0, 1, 2]
+    with pytest.raises(ConfigError, match="written by another config"):
+        PackedTrainer(cfg, [1, 3], resume_from=saved)  # other seeds: another pack
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"method": {"name": "metalabelnet"}}, "train metalabelnet one seed per trial"),
+    ({"method": {"name": "mwnet", "famus": True}}, "do not combine with method.famus"),
+])
+def test_what_cannot_be_packed_is_refused_with_the_fix(sections, message):
+    with pytest.raises(ConfigError, match=message):
+        PackedTrainer(parse_experiment(tiny_experiment(**sections)), [0, 1])
+    spec = parse_sweep({"name": "p", "base": tiny_experiment(**sections), "grid": {"seed": [0, 1]},
+                        "resources": {"seeds_per_trial": 2}})
+    with pytest.raises(ConfigError, match=message):
+        expand(spec)
+
+
+def test_cells_are_packed_by_everything_but_the_seed():
+    spec = parse_sweep({"name": "p", "base": tiny_experiment(),
+                        "grid": {"method.name": ["ce", "mwnet"], "seed": [0, 1, 2]},
+                        "resources": {"seeds_per_trial": 2}})
+    groups = pack_cells(expand(spec), 2)
+    assert [[c.config.seed for c in g] for g in groups] == [[0, 1], [2], [0, 1], [2]]
+    assert all(len({c.config.method.name for c in g}) == 1 for g in groups)
+
+
+@pytest.mark.ray
+def test_packed_sweep_writes_a_row_and_curves_per_seed(ray_session, tmp_path):
+    spec = parse_sweep({"name": "packed", "store": str(tmp_path),
+                        "base": tiny_experiment(noise={"type": "uniform", "rate": 0.4}),
+                        "grid": {"method.name": ["ce", "mwnet"], "seed": [0, 1, 2]},
+                        "resources": {"cpus_per_trial": 1, "seeds_per_trial": 2}})
+    cells = expand(spec)
+    assert run_sweep(spec, cells) == 0
+    trials = query.load(str(tmp_path), "trials", "packed")
+    assert sorted(trials["trial_id"].to_list()) == sorted(c.trial_id for c in cells)
+    assert (trials["status"] == "completed").all()
+    assert sorted(trials["packed_seeds"].to_list()) == [1, 1, 2, 2, 2, 2]
+    assert trials.group_by("method").agg(pl.col("seed").sort())["seed"].to_list() == [[0, 1, 2]] * 2
+    curves = query.load(str(tmp_path), "curves", "packed")
+    assert curves.group_by("trial_id").agg(pl.len())["len"].to_list() == [2] * 6
+    # a rerun finds every seed's row and trains nothing
+    assert run_sweep(spec, expand(spec)) == 0
+    again = query.load(str(tmp_path), "trials", "packed")
+    assert again["finished_at"].sort().to_list() == trials["finished_at"].sort().to_list()
