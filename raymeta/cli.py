@@ -49,8 +49,8 @@ def cli() -> None:
 @click.option("--address", default=None, help="with --workers: Ray cluster address "
               "(default: start a local Ray)")
 @click.option("--seeds", default=None, metavar="S,S,...",
-              help="train once per seed, all packed into one model in this process (ce, mwnet, "
-                   "l2r, mlc); one results row per seed")
+              help="train once per seed, all packed into one model in this process (every "
+                   "method but mlnt); one results row per seed")
 def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: str | None,
         resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
         address: str | None, seeds: str | None) -> None:

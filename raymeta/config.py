@@ -392,7 +392,7 @@ class ResourcesConfig(_Config):
     seeds_per_trial: int = Field(1, ge=1)
     """cells that differ only in their seed train this many at a time in one process, their
     models packed into one (vmap); each seed still gets its own results row. For small models
-    on a GPU (ce, mwnet, l2r, mlc); on a CPU it is slower (docs/benchmarks.md)"""
+    on a GPU (every method but mlnt); on a CPU it is slower (docs/benchmarks.md)"""
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesConfig:

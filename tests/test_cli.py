@@ -61,6 +61,17 @@ def test_run_then_summary(tmp_path):
     assert missing.returncode == 2 and "no trials results for sweep 'nope'" in missing.stderr
 
 
+def test_run_packed_seeds_writes_a_row_per_seed(tmp_path):
+    (tmp_path / "exp.yaml").write_text(TINY)
+    proc = raymeta("run", "exp.yaml", "--set", "noise.type=uniform", "--set", "noise.rate=0.4",
+                   "--set", "method.name=mwnet", "--seeds", "0,1,2", cwd=tmp_path)
+    assert "epoch   2/2  test_acc per seed" in proc.stdout and "(3 seeds)" in proc.stdout
+    assert len([line for line in proc.stdout.splitlines() if "final test acc" in line]) == 3
+    assert list((tmp_path / "runs").glob("mwnet_digits_uniform0.4_s0_*-pack3/checkpoint.pt"))
+    summary = raymeta("results", "summary", "--sweep", "runs", cwd=tmp_path)
+    assert "(3)" in summary.stdout  # three seeds: mean ± std over them
+
+
 @pytest.mark.ray
 def test_sweep_command_prints_the_summary(tmp_path):
     (tmp_path / "mini.yaml").write_text(textwrap.dedent("""

@@ -198,7 +198,7 @@ def main() -> None:
                              "a CIFAR epoch), after one untimed epoch")
     parser.add_argument("--packed", default="", metavar="K,K,...",
                         help="only time K seeds packed into one model (e.g. 1,2,4,8) for each "
-                             "of --methods that packs (ce, mwnet, l2r, mlc)")
+                             "of --methods (every method but mlnt)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
     parser.add_argument("--repeats", type=int, default=3)

@@ -151,7 +151,13 @@ class MetaMethod(Method):
     def step_extras(self, batch: Batch) -> dict[str, torch.Tensor]:
         return {}
 
+    def takes_meta_step(self) -> bool:
+        """Whether this step is bilevel (False: a plain cross-entropy step, e.g. a warm-up)."""
+        return True
+
     def step(self, engine: Engine, batch: Batch, meta_batch: MetaBatchFn) -> StepOutput:
+        if not self.takes_meta_step():
+            return Method.step(self, engine, batch, meta_batch)
         return engine.bilevel_step(self, batch, meta_batch)
 
     def state_dict(self) -> dict:

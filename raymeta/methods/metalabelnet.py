@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymeta.methods.base import MetaMethod, StepOutput, frozen_copy, masked_sum_count
+from raymeta.methods.base import MetaMethod, frozen_copy, masked_sum_count
 from raymeta.parallel import batch_mean
 
 
@@ -56,10 +56,8 @@ class MetaLabelNet(MetaMethod):
                 self._features = (batch, self.encoder.features(batch.x))
         return self._features[1]
 
-    def step(self, engine, batch, meta_batch) -> StepOutput:
-        if self.encoder is None:  # warm-up: plain cross-entropy on the given labels
-            return super(MetaMethod, self).step(engine, batch, meta_batch)
-        return engine.bilevel_step(self, batch, meta_batch)
+    def takes_meta_step(self) -> bool:
+        return self.encoder is not None  # warm-up: plain cross-entropy on the given labels
 
     # METHOD: the three hooks of the bilevel step
     def virtual_loss(self, logits, batch):

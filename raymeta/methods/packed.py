@@ -14,9 +14,10 @@ import torch
 from raymeta.data.loader import PackedBatch
 from raymeta.methods.base import MetaMethod, Method, StepOutput
 
-PACKABLE = ("ce", "mwnet", "l2r", "mlc")
-"""methods whose steps depend only on their own logits, batch and meta-model (MetaLabelNet
-freezes the model as its encoder and MLNT steps a teacher copy of it: both need the model)"""
+PACKABLE = ("ce", "mwnet", "l2r", "mlc", "metalabelnet")
+"""methods whose steps depend only on their own logits, batch and meta-model, or on their seed's
+model as it was at an epoch's start (MetaLabelNet's encoder: the seeds' own models are updated
+at each epoch's end). MLNT steps a teacher copy of the model inside every step."""
 
 
 def packing_problem(cfg) -> str | None:
@@ -24,9 +25,9 @@ def packing_problem(cfg) -> str | None:
     name = cfg.method.name
     what = "packed seeds (resources.seeds_per_trial > 1, raymeta run --seeds)"
     if name not in PACKABLE:
-        return (f"{what} work for {', '.join(PACKABLE)}; {name} needs the model itself, not "
-                f"only its outputs (a frozen encoder or a teacher copy): train {name} one seed "
-                f"per trial")
+        return (f"{what} work for {', '.join(PACKABLE)}; {name} steps copies of the model "
+                f"itself (its student and mean teacher) inside every step, which a packed model "
+                f"cannot: train {name} one seed per trial")
     if getattr(cfg.method, "famus", False):
         return (f"{what} do not combine with method.famus: FaMUS gates whole parameter "
                 f"tensors, and packing stacks each tensor over the seeds; train FaMUS one seed "
@@ -52,19 +53,22 @@ class PackedMethod(MetaMethod):
         """each seed's loss, logits and extras of the latest step"""
         self._losses: list[torch.Tensor] = []
         self._meta_counts: list[int] = []
+        self._bilevel = False
 
     def _each(self, hook: str, logits: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
         return [getattr(m, hook)(rows, part)
                 for m, rows, part in zip(self.members, logits.chunk(len(self.members)), batch.parts)]
 
     def step(self, engine, batch: PackedBatch, meta_batch) -> StepOutput:
-        if isinstance(self.members[0], MetaMethod):
+        first = self.members[0]  # the seeds are at the same step: they agree on its kind
+        self._bilevel = isinstance(first, MetaMethod) and first.takes_meta_step()
+        if self._bilevel:
             out = engine.bilevel_step(self, batch, meta_batch)
         else:
             logits = engine.forward(batch.x)
             engine.actual_step(self.actual_loss(logits, batch))
             out = StepOutput(sum(self._losses), logits.detach())
-        self.outputs = [StepOutput(loss, rows, m.step_extras(part) if m.uses_meta_batch else {})
+        self.outputs = [StepOutput(loss, rows, m.step_extras(part) if self._bilevel else {})
                         for m, loss, rows, part in zip(self.members, self._losses,
                                                        out.logits.chunk(len(self.members)),
                                                        batch.parts)]
@@ -89,7 +93,7 @@ class PackedMethod(MetaMethod):
             start += count
 
     def actual_loss(self, logits, batch):
-        hook = "actual_loss" if isinstance(self.members[0], MetaMethod) else "train_loss"
+        hook = "actual_loss" if self._bilevel else "train_loss"
         losses = self._each(hook, logits, batch)
         self._losses = [loss.detach() for loss in losses]
         return sum(losses)
