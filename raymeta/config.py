@@ -367,6 +367,10 @@ class TrainConfig(_Config):
     channels_last: bool = False
     """images and convolution weights in channels-last memory layout (faster convolutions on
     GPUs, especially with bf16)"""
+    compile: bool = False
+    """torch.compile the model (once per trial) for what differentiates it once: plain
+    cross-entropy steps (ce, warm-up epochs) and evaluation. Meta steps stay eager: a compiled
+    backward cannot be differentiated again"""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

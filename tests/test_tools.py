@@ -14,12 +14,12 @@ def test_bench_meta_step_prints_every_variant():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tools" / "bench_meta_step.py"), "--model", "resnet32",
          "--model-options", '{"blocks": 1}', "--batch", "8", "--warmup", "1", "--steps", "1",
-         "--repeats", "1", "--methods", "ce,mwnet,l2r", "--format", "markdown",
+         "--repeats", "1", "--methods", "ce,mwnet,l2r", "--format", "markdown", "--compile",
          "--variants", json.dumps(extra)],
         capture_output=True, text=True, timeout=300, check=True)
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
             if line.startswith("| ")]
-    assert [r[0] for r in rows[1:]] == ["ce", "mwnet", "mwnet+famus", "l2r", "l2r+famus",
+    assert [r[0] for r in rows[1:]] == ["ce", "ce, compiled", "mwnet", "mwnet+famus", "l2r", "l2r+famus",
                                         "mwnet+window, every 2",
                                         "data path (gather, crop, flip, normalise)"]
     by_label = {r[0]: r for r in rows[1:]}

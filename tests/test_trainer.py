@@ -102,3 +102,20 @@ def test_bf16_autocast_trains_like_float32(method):
     assert half["final_train_loss"] != full["final_train_loss"]
     assert half["final_test_acc"] > 0.85 and abs(half["final_test_acc"] - full["final_test_acc"]) < 0.03
 
+
+
+@pytest.mark.parametrize("method", [{"name": "ce"}, {"name": "mlc"}])
+def test_compile_trains_like_eager(method):
+    """train.compile: ce's steps and every evaluation run compiled, MLC's bilevel steps stay
+    eager beside them; both train as the eager run does, up to float rounding."""
+    from torch._dynamo.utils import counters
+
+    trainers = {flag: Trainer(cfg(train={"epochs": 2, "batch_size": 64, "compile": flag},
+                                  method=method, noise={"type": "uniform", "rate": 0.3}))
+                for flag in (False, True)}
+    runs = {flag: trainer.fit() for flag, trainer in trainers.items()}
+    assert counters["stats"]["unique_graphs"] >= 1  # dynamo really captured the model
+    assert trainers[True].engine.plain_model is not trainers[True].model
+    for eager, compiled in zip(runs[False].curves, runs[True].curves):
+        assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+        assert compiled["test_acc"] == pytest.approx(eager["test_acc"], abs=0.01)

@@ -196,6 +196,9 @@ def main() -> None:
     parser.add_argument("--epoch", type=int, default=0, metavar="N",
                         help="only time one epoch of ce over N device-resident samples (50000: "
                              "a CIFAR epoch), after one untimed epoch")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time ce with torch.compile (train.compile; its compile time "
+                             "is spent in the warm-up steps)")
     parser.add_argument("--packed", default="", metavar="K,K,...",
                         help="only time K seeds packed into one model (e.g. 1,2,4,8) for each "
                              "of --methods (every method but mlnt)")
@@ -220,6 +223,10 @@ def main() -> None:
     variants = []
     for name in args.methods.split(","):
         variants.append(make_variant(name, False, args))
+        if name == "ce" and args.compile:  # what train.compile does: plain steps compiled
+            variants.append(make_variant(name, False, args))
+            variants[-1]["label"] = "ce, compiled"
+            variants[-1]["engine"].plain_model = torch.compile(variants[-1]["engine"].model)
         if name != "ce" and not args.no_famus:
             variants.append(make_variant(name, True, args))
     variants += [build_variant(label, spec["method"], spec.get("famus", {}), args)

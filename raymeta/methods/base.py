@@ -91,7 +91,7 @@ class Method:
         return mean_ce(logits, batch.y)
 
     def step(self, engine: Engine, batch: Batch, meta_batch: MetaBatchFn) -> StepOutput:
-        logits = engine.forward(batch.x)
+        logits = engine.plain_forward(batch.x)
         loss = self.train_loss(logits, batch)
         engine.actual_step(loss)
         return StepOutput(loss.detach(), logits.detach())

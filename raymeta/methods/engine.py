@@ -43,6 +43,10 @@ class Engine:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         self.model = model
+        self.plain_model: Callable[[torch.Tensor], torch.Tensor] = model
+        """the model for forwards that are differentiated only once (plain steps, evaluation):
+        torch.compile'd with train.compile; bilevel steps use `model` (eager), whose backward
+        the meta gradient differentiates again"""
         self.optimizer = optimizer
         self.steps = 0
         self.meta_seconds = 0.0
@@ -55,6 +59,10 @@ class Engine:
     # ---------------------------------------------------------------------- forwards
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """forward() for a step whose loss is differentiated once (it may be compiled)."""
+        return self.plain_model(x)
 
     def named_params(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}

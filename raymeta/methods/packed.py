@@ -32,6 +32,9 @@ def packing_problem(cfg) -> str | None:
         return (f"{what} do not combine with method.famus: FaMUS gates whole parameter "
                 f"tensors, and packing stacks each tensor over the seeds; train FaMUS one seed "
                 f"per trial")
+    if cfg.train.compile:
+        return (f"{what} do not combine with train.compile (a compiled vmap of the seeds' "
+                f"models is not supported here); train compiled runs one seed per trial")
     if cfg.meta_set.source == "pseudo":
         return (f"{what} do not combine with meta_set.source pseudo (each seed would choose "
                 f"a meta set of another size); train it one seed per trial")

@@ -153,6 +153,9 @@ class Trainer:
                                    self.model).to(self.device, self.dtype)
         self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
         self.engine = Engine(self.model, self.optimizer)
+        if cfg.train.compile:
+            torch._dynamo.reset()  # a fresh cache per trial: reused Tune actors train new models
+            self.engine.plain_model = torch.compile(self.model)
         self.pseudo = cfg.meta_set.pseudo if cfg.meta_set.source == "pseudo" else None
         """settings of the pseudo-clean meta set, chosen each epoch (None: a fixed meta set)"""
         self.pseudo_index: torch.Tensor | None = None
@@ -357,7 +360,7 @@ class Trainer:
     def eval_logits(self, batch) -> torch.Tensor:
         """The model's logits for an evaluation batch, in the model's dtype (bf16 cast up)."""
         with self.autocast():
-            return self.model(batch.x).to(self.dtype)
+            return self.engine.plain_forward(batch.x).to(self.dtype)
 
     def use_pseudo_meta(self, index: torch.Tensor) -> None:
         """Draw meta batches (and evaluate the meta set) from these training positions."""
