@@ -14,7 +14,7 @@ from raymeta.models.packed import PackedModel
 from raymeta.orchestrate.grid import expand, pack_cells
 from raymeta.orchestrate.sweep import run_sweep
 from raymeta.results import query
-from raymeta.train import Trainer
+from raymeta.train import Trainer, TrainingDiverged
 from raymeta.train.packed import PackedTrainer
 
 
@@ -128,3 +128,10 @@ def test_packed_sweep_writes_a_row_and_curves_per_seed(ray_session, tmp_path):
     assert run_sweep(spec, expand(spec)) == 0
     again = query.load(str(tmp_path), "trials", "packed")
     assert again["finished_at"].sort().to_list() == trials["finished_at"].sort().to_list()
+
+
+def test_a_diverging_seed_is_named():
+    cfg = parse_experiment(tiny_experiment(optimizer={"lr": 1.0e12}))
+    with pytest.raises(TrainingDiverged, match=r"training loss of seed \d \(one of the packed "
+                                                r"seeds\) is nan in epoch 0"):
+        PackedTrainer(cfg, [0, 1]).fit()

@@ -283,8 +283,8 @@ class Trainer:
             where = f"the training loss ({name}'s actual-step loss) became non-finite at step {train_step}"
         hint = "lower optimizer.lr" + (" or method.meta_lr" if self.method.uses_meta_batch else "")
         seed, _, _ = key.rpartition("/")  # packed seeds: which of them
-        where = f"{where} (of the packed seeds; seed {seed}'s loss is {mean_loss})" if seed else where
-        return (f"training loss is {mean_loss} in epoch {self.epoch}: {where} of {steps} "
+        whose = f" of seed {seed} (one of the packed seeds)" if seed else ""
+        return (f"training loss{whose} is {mean_loss} in epoch {self.epoch}: {where} of {steps} "
                 f"(method {name}, optimizer.lr {cfg.optimizer.lr:g}); {hint}, or check the data")
 
     @torch.no_grad()
