@@ -180,7 +180,13 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
     if store:
         spec = spec.model_copy(update={"store": store})
     cells = expand(spec, base_dir=Path.cwd())
-    click.echo(f"sweep '{spec.name}': {len(cells)} trials -> {spec.store}")
+    k = spec.resources.seeds_per_trial
+    packing = ""
+    if k > 1:
+        from raymeta.orchestrate.grid import pack_cells
+
+        packing = f", packed into {len(pack_cells(cells, k))} processes of up to {k} seeds"
+    click.echo(f"sweep '{spec.name}': {len(cells)} trials{packing} -> {spec.store}")
     if dry_run:
         for cell in cells:
             click.echo(f"  {cell.trial_id}  {cell.overrides}")

@@ -113,21 +113,28 @@ def test_cells_are_packed_by_everything_but_the_seed():
 def test_packed_sweep_writes_a_row_and_curves_per_seed(ray_session, tmp_path):
     spec = parse_sweep({"name": "packed", "store": str(tmp_path),
                         "base": tiny_experiment(noise={"type": "uniform", "rate": 0.4}),
-                        "grid": {"method.name": ["ce", "mwnet"], "seed": [0, 1, 2]},
+                        "grid": {".": [{"method.name": "ce"}, {"method.name": "mwnet"},
+                                       {"method.name": "ce", "optimizer.lr": 1.0e12}],  # diverges
+                                 "seed": [0, 1, 2]},
                         "resources": {"cpus_per_trial": 1, "seeds_per_trial": 2}})
     cells = expand(spec)
-    assert run_sweep(spec, cells) == 0
+    assert run_sweep(spec, cells) == 3  # failed cells, not failed packs
     trials = query.load(str(tmp_path), "trials", "packed")
     assert sorted(trials["trial_id"].to_list()) == sorted(c.trial_id for c in cells)
-    assert (trials["status"] == "completed").all()
-    assert sorted(trials["packed_seeds"].to_list()) == [1, 1, 2, 2, 2, 2]
-    assert trials.group_by("method").agg(pl.col("seed").sort())["seed"].to_list() == [[0, 1, 2]] * 2
-    curves = query.load(str(tmp_path), "curves", "packed")
+    done = trials.filter(pl.col("status") == "completed")
+    failed = trials.filter(pl.col("status") == "failed")
+    assert len(done) == 6 and len(failed) == 3
+    assert sorted(done["packed_seeds"].to_list()) == [1, 1, 2, 2, 2, 2]
+    assert done.group_by("method").agg(pl.col("seed").sort())["seed"].to_list() == [[0, 1, 2]] * 2
+    assert failed["error"].str.contains("packed seeds").sum() == 2  # the pack of two names its seed
+    curves = query.load(str(tmp_path), "curves", "packed").filter(
+        pl.col("trial_id").is_in(done["trial_id"].to_list()))
     assert curves.group_by("trial_id").agg(pl.len())["len"].to_list() == [2] * 6
-    # a rerun finds every seed's row and trains nothing
-    assert run_sweep(spec, expand(spec)) == 0
-    again = query.load(str(tmp_path), "trials", "packed")
-    assert again["finished_at"].sort().to_list() == trials["finished_at"].sort().to_list()
+    # a rerun finds every completed seed's row and trains only the failed ones again
+    before = done["finished_at"].sort().to_list()
+    assert run_sweep(spec, expand(spec)) == 3
+    again = query.load(str(tmp_path), "trials", "packed").filter(pl.col("status") == "completed")
+    assert again["finished_at"].sort().to_list() == before
 
 
 def test_a_diverging_seed_is_named():

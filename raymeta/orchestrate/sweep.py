@@ -234,7 +234,7 @@ def max_concurrent(resources: ResourcesConfig) -> int | None:
 
 def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
               resume: bool = False, rerun: bool = False) -> int:
-    """Run the cells with Ray Tune; returns the number of failed trials. Cells whose completed
+    """Run the cells with Ray Tune; returns the number of failed cells. Cells whose completed
     rows (with the same config) are already in the store are skipped unless `rerun`."""
     import ray.tune
 
@@ -293,5 +293,6 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
                 checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    return grid.num_errors
+    # a failed pack of seeds is one Tune trial but a failed row per seed
+    return sum(len(result.config["cell"].get("pack", [None])) for result in grid if result.error)
 
