@@ -259,8 +259,20 @@ def main() -> None:
     print_table(title, header, rows, args.format)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def describe(args) -> str:
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
     return (f"{args.model} {json.loads(args.model_options) or ''} batch {args.batch} "
             f"(meta batch {args.meta_batch}), {args.image}x{args.image}, {args.device} ({device}, "
             f"{torch.get_num_threads()} threads), torch {torch.__version__}; median of "
