@@ -88,7 +88,7 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
     if resume_from is not None:
         from raymeta.train.trainer import check_checkpoint
 
-        check_checkpoint(folder, cfg)
+        check_checkpoint(folder, cfg.digest())
     preflight([cfg], store, None, None, trial_id)
 
     def progress(metrics: dict, trainer) -> None:
@@ -117,7 +117,8 @@ def _run_packed(cfg, data: dict, seeds: list[int], store: str, sweep_name: str,
     """The seeds of one experiment, packed (raymeta.train.packed); a row per seed."""
     from raymeta.orchestrate.preflight import preflight
     from raymeta.orchestrate.trial import run_packed_trial, trial_id_for
-    from raymeta.train.packed import packed_configs
+    from raymeta.train.packed import pack_digest, packed_configs
+    from raymeta.train.trainer import check_checkpoint
 
     cfgs = packed_configs(cfg, seeds)
     trial_ids = [trial_id_for(c, {**data, "seed": c.seed}) for c in cfgs]
@@ -125,6 +126,8 @@ def _run_packed(cfg, data: dict, seeds: list[int], store: str, sweep_name: str,
     resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
     if resume and resume_from is None:
         click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
+    if resume_from is not None:
+        check_checkpoint(folder, pack_digest(cfgs))
     preflight(cfgs, store, None, None, trial_ids[0])
 
     def progress(per_seed: list[dict], trainer) -> None:

@@ -70,6 +70,11 @@ def test_run_packed_seeds_writes_a_row_per_seed(tmp_path):
     assert list((tmp_path / "runs").glob("mwnet_digits_uniform0.4_s0_*-pack3/checkpoint.pt"))
     summary = raymeta("results", "summary", "--sweep", "runs", cwd=tmp_path)
     assert "(3)" in summary.stdout  # three seeds: mean ± std over them
+    # resuming that pack's folder with other seeds is refused before anything is trained
+    other = raymeta("run", "exp.yaml", "--set", "noise.type=uniform", "--set", "noise.rate=0.4",
+                    "--set", "method.name=mwnet", "--seeds", "0,1,3", "--resume", "--out",
+                    str(next((tmp_path / "runs").glob("*-pack3"))), cwd=tmp_path, check=False)
+    assert other.returncode == 2 and "was written by another config" in other.stderr
 
 
 @pytest.mark.ray

@@ -39,6 +39,11 @@ def packed_configs(cfg: ExperimentConfig, seeds: list[int]) -> list[ExperimentCo
     return [cfg.model_copy(update={"seed": int(s)}) for s in seeds]
 
 
+def pack_digest(cfgs: list[ExperimentConfig]) -> str:
+    """What a pack's checkpoint is checked against: its seeds' configs, in order."""
+    return "+".join(cfg.digest() for cfg in cfgs)
+
+
 class PackedTrainer(Trainer):
     """Trains `cfg` once per seed in `seeds`, all in one packed model.
 
@@ -118,7 +123,7 @@ class PackedTrainer(Trainer):
             m.train_seconds, m.meta_seconds = self.train_seconds, self.meta_seconds
 
     def digest(self) -> str:
-        return "+".join(m.cfg.digest() for m in self.members)
+        return pack_digest([m.cfg for m in self.members])
 
     def state_dict(self) -> dict:
         self._share_costs()
@@ -133,7 +138,7 @@ class PackedTrainer(Trainer):
         if path.is_dir():
             path = path / CHECKPOINT_FILE
         state = torch.load(path, map_location=self.device, weights_only=False)
-        _check_digest(state, path, self)
+        _check_digest(state, path, self.digest())
         for member, member_state in zip(self.members, state["members"]):
             member.load_state(member_state, path)
         self.model.pack_from([m.model for m in self.members])

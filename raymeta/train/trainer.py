@@ -75,20 +75,21 @@ class _Generators:
             getattr(self, key).set_state(value)
 
 
-def _check_digest(state: dict, path: Path, cfg: ExperimentConfig) -> None:
-    if state["config_digest"] != cfg.digest():
+def _check_digest(state: dict, path: Path, digest: str) -> None:
+    if state["config_digest"] != digest:
         raise ConfigError(f"checkpoint {path} was written by another config "
-                          f"(digest {state['config_digest']}, this one {cfg.digest()}); "
+                          f"(digest {state['config_digest']}, this one {digest}); "
                           f"use a fresh output folder (--out) or the original config")
 
 
-def check_checkpoint(path: str | Path, cfg: ExperimentConfig) -> None:
-    """Raise before any training if the checkpoint at `path` belongs to another config."""
+def check_checkpoint(path: str | Path, digest: str) -> None:
+    """Raise before any training if the checkpoint at `path` belongs to another config (given
+    by its digest: ExperimentConfig.digest(), or a pack's `pack_digest`)."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     # memory-mapped: only the digest is read here, the tensors when the Trainer loads them
-    _check_digest(torch.load(path, map_location="cpu", weights_only=False, mmap=True), path, cfg)
+    _check_digest(torch.load(path, map_location="cpu", weights_only=False, mmap=True), path, digest)
 
 
 OPTIONAL_FINALS = {"test_acc_rare_third": "final_rare_third_acc",
@@ -422,7 +423,7 @@ class Trainer:
 
     def load_state(self, state: dict, path: Path) -> None:
         """Continue from a state_dict() read from the checkpoint at `path`."""
-        _check_digest(state, path, self.cfg)
+        _check_digest(state, path, self.cfg.digest())
         if state["noisy_labels_sha"] != self.data.noise.sha:
             raise ConfigError(f"checkpoint {path} was trained on other noisy labels; the data "
                               f"or label file changed since; start a fresh run")
