@@ -82,13 +82,7 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         _run_distributed(cfg, trial_id, store, sweep_name, resources, address)
         return
     folder = Path(out or Path("runs") / trial_id)
-    resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
-    if resume and resume_from is None:
-        click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
-    if resume_from is not None:
-        from raymeta.train.trainer import check_checkpoint
-
-        check_checkpoint(folder, cfg.digest())
+    resume_from = _resume_from(folder, resume, cfg.digest())
     preflight([cfg], store, None, None, trial_id)
 
     def progress(metrics: dict, trainer) -> None:
@@ -100,6 +94,20 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
                     checkpoint_dir=folder, resume_from=resume_from)
     click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
                f"{row['best_test_acc']:.4f}; rows written to {store} (sweep '{sweep_name}')")
+
+
+def _resume_from(folder: Path, resume: bool, digest: str) -> Path | None:
+    """The checkpoint folder to continue from with --resume (None: start at epoch 0); a
+    checkpoint of another config is refused before anything runs."""
+    if not resume:
+        return None
+    if not (folder / "checkpoint.pt").exists():
+        click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
+        return None
+    from raymeta.train.trainer import check_checkpoint
+
+    check_checkpoint(folder, digest)
+    return folder
 
 
 def _seed_list(text: str) -> list[int]:
@@ -118,16 +126,11 @@ def _run_packed(cfg, data: dict, seeds: list[int], store: str, sweep_name: str,
     from raymeta.orchestrate.preflight import preflight
     from raymeta.orchestrate.trial import run_packed_trial, trial_id_for
     from raymeta.train.packed import pack_digest, packed_configs
-    from raymeta.train.trainer import check_checkpoint
 
     cfgs = packed_configs(cfg, seeds)
     trial_ids = [trial_id_for(c, {**data, "seed": c.seed}) for c in cfgs]
     folder = Path(out or Path("runs") / f"{trial_ids[0]}-pack{len(cfgs)}")
-    resume_from = folder if resume and (folder / "checkpoint.pt").exists() else None
-    if resume and resume_from is None:
-        click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
-    if resume_from is not None:
-        check_checkpoint(folder, pack_digest(cfgs))
+    resume_from = _resume_from(folder, resume, pack_digest(cfgs))
     preflight(cfgs, store, None, None, trial_ids[0])
 
     def progress(per_seed: list[dict], trainer) -> None:

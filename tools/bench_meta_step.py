@@ -48,13 +48,13 @@ def make_variant(name: str, famus: bool, args) -> dict:
     return build_variant(label, method_cfg, json.loads(args.famus_options), args)
 
 
-def build_variant(label: str, method_cfg: dict, famus_cfg: dict, args) -> dict:
+def build_variant(label: str, method_cfg: dict, famus_cfg: dict, args, seed: int = 0) -> dict:
     method_cfg = dict(method_cfg)
     if method_cfg["name"] == "metalabelnet":
         method_cfg.setdefault("warmup_epochs", 1)
     cfg = parse_experiment({"method": method_cfg, "famus": famus_cfg,
                             "optimizer": {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}})
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(args.model, args.classes, 3, args.image, **json.loads(args.model_options))
     model = model.to(args.device)
     if args.channels_last:
@@ -63,30 +63,23 @@ def build_variant(label: str, method_cfg: dict, famus_cfg: dict, args) -> dict:
     engine = Engine(model, build_optimizer(cfg.optimizer, model.parameters()))
     if getattr(cfg.method, "famus", False):
         engine.famus = Famus(cfg.famus, model)
-        engine.famus.generator = torch.Generator().manual_seed(0)
-    method.generator = torch.Generator().manual_seed(0)
+        engine.famus.generator = torch.Generator().manual_seed(seed)
+    method.generator = torch.Generator().manual_seed(seed)
     method.on_epoch_start(1, engine)  # past MetaLabelNet's warm-up: its encoder exists
-    return {"label": label, "method": method, "engine": engine, "times": [], "meta": []}
+    return {"label": label, "method": method, "engine": engine, "cfg": cfg, "times": [], "meta": []}
 
 
 def packed_variant(name: str, seeds: int, args) -> dict:
     """`seeds` copies of a method and model packed as the Trainer packs seeds, each seed with
     its own initialisation and its own random batches."""
-    cfg = parse_experiment({"method": {"name": name},
-                            "optimizer": {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}})
-    models, methods = [], []
-    for seed in range(seeds):
-        torch.manual_seed(seed)
-        models.append(build_model(args.model, args.classes, 3, args.image,
-                                  **json.loads(args.model_options)).to(args.device))
-        methods.append(build_method(cfg.method, args.classes, models[-1]).to(args.device))
-        methods[-1].generator = torch.Generator().manual_seed(seed)
-    model = PackedModel(models)
-    return {"label": name, "seeds": seeds, "method": PackedMethod(methods),
-            "engine": Engine(model, build_optimizer(cfg.optimizer, model.parameters())),
+    members = [build_variant(name, {"name": name}, {}, args, seed) for seed in range(seeds)]
+    model = PackedModel([m["engine"].model for m in members])
+    optimizer = build_optimizer(members[0]["cfg"].optimizer, model.parameters())
+    return {"label": name, "seeds": seeds, "method": PackedMethod([m["method"] for m in members]),
+            "engine": Engine(model, optimizer),
             "train_batch": pack_batches([random_batch(args.batch, args, 10 + s) for s in range(seeds)]),
             "meta_batch": pack_batches([random_batch(args.meta_batch, args, 50 + s) for s in range(seeds)]),
-            "times": []}
+            "times": [], "meta": []}
 
 
 def random_batch(n: int, args, seed: int) -> Batch:
@@ -174,6 +167,22 @@ def run_steps(variant: dict, train: Batch, meta: Batch, steps: int, args) -> flo
     return (time.perf_counter() - tic) / steps
 
 
+def time_side_by_side(variants: list[dict], train: Batch | None, meta: Batch | None, args) -> None:
+    """Warm every variant up, then time them round-robin over the repeats (so slow phases of
+    the machine hit every variant): seconds per step into v["times"], the meta update's share
+    of them into v["meta"]."""
+    for v in variants:
+        run_steps(v, train, meta, args.warmup, args)
+        if "engine" in v:
+            v["engine"].take_meta_seconds()
+    for _ in range(args.repeats):
+        for v in variants:
+            seconds = run_steps(v, train, meta, args.steps, args)
+            v["times"].append(seconds)
+            if "engine" in v:
+                v["meta"].append(v["engine"].take_meta_seconds() / (seconds * args.steps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="preact_resnet18")
@@ -232,17 +241,8 @@ def main() -> None:
     variants += [build_variant(label, spec["method"], spec.get("famus", {}), args)
                  for label, spec in extra.items()]
     variants.append(data_variant(args))
-    train, meta = random_batch(args.batch, args, 1), random_batch(args.meta_batch, args, 2)
-    for v in variants:
-        run_steps(v, train, meta, args.warmup, args)
-        if "engine" in v:
-            v["engine"].take_meta_seconds()
-    for _ in range(args.repeats):
-        for v in variants:  # round-robin, so slow phases of the machine hit every variant
-            seconds = run_steps(v, train, meta, args.steps, args)
-            v["times"].append(seconds)
-            if "engine" in v:
-                v["meta"].append(v["engine"].take_meta_seconds() / (seconds * args.steps))
+    time_side_by_side(variants, random_batch(args.batch, args, 1),
+                      random_batch(args.meta_batch, args, 2), args)
 
     ms = {v["label"]: 1000 * statistics.median(v["times"]) for v in variants}
     base = ms.get("ce")
@@ -283,11 +283,7 @@ def print_packed(args) -> None:
     """Samples/s of K packed seeds (per seed batch --batch), side by side, against K = 1."""
     counts = [int(k) for k in args.packed.split(",")]
     variants = [packed_variant(name, k, args) for name in args.methods.split(",") for k in counts]
-    for v in variants:
-        run_steps(v, None, None, args.warmup, args)
-    for _ in range(args.repeats):
-        for v in variants:
-            v["times"].append(run_steps(v, None, None, args.steps, args))
+    time_side_by_side(variants, None, None, args)  # each packed variant has its own batches
     rows, single = [], {}
     for v in variants:
         seconds = statistics.median(v["times"])

@@ -56,22 +56,19 @@ class PackedMethod(MetaMethod):
         """each seed's loss, logits and extras of the latest step"""
         self._losses: list[torch.Tensor] = []
         self._meta_counts: list[int] = []
-        self._bilevel = False
 
     def _each(self, hook: str, logits: torch.Tensor, batch: PackedBatch) -> list[torch.Tensor]:
         return [getattr(m, hook)(rows, part)
                 for m, rows, part in zip(self.members, logits.chunk(len(self.members)), batch.parts)]
 
-    def step(self, engine, batch: PackedBatch, meta_batch) -> StepOutput:
+    def takes_meta_step(self) -> bool:
         first = self.members[0]  # the seeds are at the same step: they agree on its kind
-        self._bilevel = isinstance(first, MetaMethod) and first.takes_meta_step()
-        if self._bilevel:
-            out = engine.bilevel_step(self, batch, meta_batch)
-        else:
-            logits = engine.forward(batch.x)
-            engine.actual_step(self.actual_loss(logits, batch))
-            out = StepOutput(sum(self._losses), logits.detach())
-        self.outputs = [StepOutput(loss, rows, m.step_extras(part) if self._bilevel else {})
+        return isinstance(first, MetaMethod) and first.takes_meta_step()
+
+    def step(self, engine, batch: PackedBatch, meta_batch) -> StepOutput:
+        bilevel = self.takes_meta_step()
+        out = super().step(engine, batch, meta_batch)  # a bilevel step, or Method's plain one
+        self.outputs = [StepOutput(loss, rows, m.step_extras(part) if bilevel else {})
                         for m, loss, rows, part in zip(self.members, self._losses,
                                                        out.logits.chunk(len(self.members)),
                                                        batch.parts)]
@@ -96,7 +93,12 @@ class PackedMethod(MetaMethod):
             start += count
 
     def actual_loss(self, logits, batch):
-        hook = "actual_loss" if self._bilevel else "train_loss"
+        return self._summed_losses("actual_loss", logits, batch)
+
+    def train_loss(self, logits, batch):  # the loss of Method's plain step
+        return self._summed_losses("train_loss", logits, batch)
+
+    def _summed_losses(self, hook: str, logits, batch) -> torch.Tensor:
         losses = self._each(hook, logits, batch)
         self._losses = [loss.detach() for loss in losses]
         return sum(losses)

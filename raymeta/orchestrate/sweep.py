@@ -35,31 +35,35 @@ workers share the rest): it only waits on its workers"""
 
 
 def _tune_trial(config: dict) -> None:
-    """The Tune trainable: train one cell, report each epoch, write its rows."""
+    """The Tune trainable: train one cell (or, packed, several seeds of one setting), report
+    each epoch, write the rows."""
     import ray
     import ray.tune
 
     cell = config["cell"]
-    if "pack" in cell:
-        _tune_packed_trial(config, cell["pack"])
-        return
-    cfg = ExperimentConfig.model_validate(cell["experiment"])
+    pack = cell.get("pack", [cell])
+    cfgs = [ExperimentConfig.model_validate(c["experiment"]) for c in pack]
+    trial_ids = [c["trial_id"] for c in pack]
     resources = ResourcesConfig.model_validate(config["resources"])
-    if (not config.get("rerun")
-            and completed_digest(config["store"], config["sweep"], cell["trial_id"]) == cfg.digest()):
+    if not config.get("rerun") and all(completed_digest(config["store"], config["sweep"], i)
+                                       == c.digest() for i, c in zip(trial_ids, cfgs)):
         return  # it finished before the sweep was interrupted: its rows are in the store
     if resources.workers_per_trial > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         from raymeta.orchestrate.distributed import fit_distributed
 
-        fit_distributed(cfg, resources, store=config["store"], sweep=config["sweep"],
-                        trial_id=cell["trial_id"], callbacks=[TuneReportCallback()],
+        fit_distributed(cfgs[0], resources, store=config["store"], sweep=config["sweep"],
+                        trial_id=trial_ids[0], callbacks=[TuneReportCallback()],
                         driver_cpus=DRIVER_CPUS,
                         extra={"tune_trial_id": ray.tune.get_context().get_trial_id()})
         return
 
-    def report(metrics: dict, trainer) -> None:
+    def report(metrics: dict | list[dict], trainer) -> None:
+        if isinstance(metrics, list):  # packed seeds: Tune sees the mean of their metrics
+            numeric = [k for k, v in metrics[0].items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in numeric}
         with tempfile.TemporaryDirectory() as folder:
             trainer.save_checkpoint(folder)
             ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
@@ -67,8 +71,12 @@ def _tune_trial(config: dict) -> None:
     def run(resume_from=None) -> None:
         extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
                  "ray_node_id": ray.get_runtime_context().get_node_id()}
-        run_trial(cfg, store=config["store"], sweep=config["sweep"], trial_id=cell["trial_id"],
-                  on_epoch_end=report, resume_from=resume_from, extra=extra)
+        where = {"store": config["store"], "sweep": config["sweep"], "on_epoch_end": report,
+                 "resume_from": resume_from, "extra": extra}
+        if "pack" in cell:
+            run_packed_trial(cfgs, trial_ids, **where)
+        else:
+            run_trial(cfgs[0], trial_id=trial_ids[0], **where)
 
     checkpoint = ray.tune.get_checkpoint()
     if checkpoint is None:
@@ -76,38 +84,6 @@ def _tune_trial(config: dict) -> None:
     else:  # a restarted trial continues from its last epoch
         with checkpoint.as_directory() as folder:
             run(resume_from=folder)
-
-
-def _tune_packed_trial(config: dict, pack: list[dict]) -> None:
-    """The Tune trainable of packed seeds: one process trains them all and writes a row for
-    each; Tune sees the mean of their metrics each epoch."""
-    import ray
-    import ray.tune
-
-    cfgs = [ExperimentConfig.model_validate(p["experiment"]) for p in pack]
-    trial_ids = [p["trial_id"] for p in pack]
-    if not config.get("rerun") and all(completed_digest(config["store"], config["sweep"], i)
-                                       == c.digest() for i, c in zip(trial_ids, cfgs)):
-        return
-
-    def report(per_seed: list[dict], trainer) -> None:
-        numeric = [k for k, v in per_seed[0].items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        metrics = {k: sum(m[k] for m in per_seed) / len(per_seed) for k in numeric}
-        with tempfile.TemporaryDirectory() as folder:
-            trainer.save_checkpoint(folder)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
-
-    extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
-             "ray_node_id": ray.get_runtime_context().get_node_id()}
-    checkpoint = ray.tune.get_checkpoint()
-    if checkpoint is None:
-        run_packed_trial(cfgs, trial_ids, store=config["store"], sweep=config["sweep"],
-                         on_epoch_end=report, extra=extra)
-        return
-    with checkpoint.as_directory() as folder:  # a restarted trial continues from its last epoch
-        run_packed_trial(cfgs, trial_ids, store=config["store"], sweep=config["sweep"],
-                         on_epoch_end=report, resume_from=folder, extra=extra)
 
 
 def _progress_callback(total: int):

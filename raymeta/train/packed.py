@@ -23,7 +23,7 @@ from raymeta.methods import Engine
 from raymeta.methods.optim import build_optimizer
 from raymeta.methods.packed import PackedMethod, packing_problem
 from raymeta.models.packed import PackedModel
-from raymeta.train.trainer import CHECKPOINT_FILE, RunResult, Trainer, _check_digest
+from raymeta.train.trainer import RunResult, Trainer, _check_digest
 
 SHARED_KEYS = ("epoch", "lr", "epoch_seconds", "ms_per_step", "meta_step_share")
 """per-epoch metrics of the packed step itself, the same for every seed"""
@@ -133,11 +133,7 @@ class PackedTrainer(Trainer):
                 "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
                 "config_digest": self.digest()}
 
-    def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / CHECKPOINT_FILE
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def load_state(self, state: dict, path: Path) -> None:
         _check_digest(state, path, self.digest())
         for member, member_state in zip(self.members, state["members"]):
             member.load_state(member_state, path)
