@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -58,7 +61,7 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
     from raymeta.config import ResourcesConfig, parse_experiment, set_dotted
     from raymeta.orchestrate.grid import absolutize, read_yaml
     from raymeta.orchestrate.preflight import preflight
-    from raymeta.orchestrate.trial import run_trial, trial_id_for
+    from raymeta.orchestrate.trial import run_trial
 
     data = read_yaml(config) or {}
     if not isinstance(data, dict):
@@ -67,12 +70,12 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         set_dotted(data, key, value)
     data = absolutize(data, Path(config).resolve().parent)
     cfg = parse_experiment(data, where=config)
-    trial_id = trial_id_for(cfg, data)
+    trial_id = cfg.trial_id()
     if seeds is not None:
         if workers > 1:
             raise ConfigError("--seeds packs seeds into this one process; it does not combine "
                               "with --workers (use one or the other)")
-        _run_packed(cfg, data, _seed_list(seeds), store, sweep_name, out, resume)
+        _run_packed(cfg, _seed_list(seeds), store, sweep_name, out, resume)
         return
     if workers > 1:
         resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=workers,
@@ -90,8 +93,9 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
                    f"train_loss {metrics['train_loss']:.4f}  test_acc {metrics['test_acc']:.4f}  "
                    f"meta_acc {metrics['meta_acc']:.4f}  {metrics['ms_per_step']:.1f} ms/step")
 
-    row = run_trial(cfg, store=store, sweep=sweep_name, trial_id=trial_id, on_epoch_end=progress,
-                    checkpoint_dir=folder, resume_from=resume_from)
+    with _resumable(folder):
+        row = run_trial(cfg, store=store, sweep=sweep_name, trial_id=trial_id,
+                        on_epoch_end=progress, checkpoint_dir=folder, resume_from=resume_from)
     click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
                f"{row['best_test_acc']:.4f}; rows written to {store} (sweep '{sweep_name}')")
 
@@ -110,6 +114,27 @@ def _resume_from(folder: Path, resume: bool, digest: str) -> Path | None:
     return folder
 
 
+@contextlib.contextmanager
+def _resumable(folder: Path):
+    """Ctrl-C (or SIGTERM) during a run: say how to continue from its last epoch, exit 130."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    saved = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt:
+        again = " ".join(shlex.quote(a) for a in ["raymeta", *sys.argv[1:]])
+        if "--resume" not in sys.argv:
+            again += " --resume"
+        done = "its last finished epoch is" if (folder / "checkpoint.pt").exists() else "no epoch was"
+        click.echo(f"\ninterrupted: no results row was written; {done} saved in {folder}; "
+                   f"continue with: {again}", err=True)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+
+
 def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",")]
@@ -120,15 +145,15 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
-def _run_packed(cfg, data: dict, seeds: list[int], store: str, sweep_name: str,
+def _run_packed(cfg, seeds: list[int], store: str, sweep_name: str,
                 out: str | None, resume: bool) -> None:
     """The seeds of one experiment, packed (raymeta.train.packed); a row per seed."""
     from raymeta.orchestrate.preflight import preflight
-    from raymeta.orchestrate.trial import run_packed_trial, trial_id_for
+    from raymeta.orchestrate.trial import run_packed_trial
     from raymeta.train.packed import pack_digest, packed_configs
 
     cfgs = packed_configs(cfg, seeds)
-    trial_ids = [trial_id_for(c, {**data, "seed": c.seed}) for c in cfgs]
+    trial_ids = [c.trial_id() for c in cfgs]
     folder = Path(out or Path("runs") / f"{trial_ids[0]}-pack{len(cfgs)}")
     resume_from = _resume_from(folder, resume, pack_digest(cfgs))
     preflight(cfgs, store, None, None, trial_ids[0])
@@ -138,8 +163,10 @@ def _run_packed(cfg, data: dict, seeds: list[int], store: str, sweep_name: str,
         click.echo(f"epoch {per_seed[0]['epoch'] + 1:3d}/{cfg.train.epochs}  test_acc per seed "
                    f"{accs}  {per_seed[0]['ms_per_step']:.1f} ms/step ({len(seeds)} seeds)")
 
-    rows = run_packed_trial(cfgs, trial_ids, store=store, sweep=sweep_name, on_epoch_end=progress,
-                            checkpoint_dir=folder, resume_from=resume_from)
+    with _resumable(folder):
+        rows = run_packed_trial(cfgs, trial_ids, store=store, sweep=sweep_name,
+                                on_epoch_end=progress, checkpoint_dir=folder,
+                                resume_from=resume_from)
     for trial_id, row in zip(trial_ids, rows):
         click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
                    f"{row['best_test_acc']:.4f}")
@@ -197,6 +224,8 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
         for cell in cells:
             click.echo(f"  {cell.trial_id}  {cell.overrides}")
         return
+    import polars as pl
+
     from raymeta.orchestrate.preflight import preflight
     from raymeta.orchestrate.sweep import run_sweep
     from raymeta.results import query
@@ -204,37 +233,85 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
 
     preflight([c.config for c in cells], spec.store, spec.resources, address, f"sweep '{spec.name}'")
     started = time.monotonic()
-    failed = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
-    click.echo(f"sweep '{spec.name}' finished in {time.monotonic() - started:.0f}s "
-               f"({len(cells) - failed} completed, {failed} failed)")
-    trials = query.load(resolve_store(spec.store), "trials", spec.name)
-    click.echo(query.render(query.summary(trials)))
-    if failed:
+    try:
+        outcome = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
+        interrupted = outcome.interrupted
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
+        interrupted = True
+    seconds = time.monotonic() - started
+    # what the store holds for this sweep's cells is the truth, not what this run saw
+    try:
+        trials = query.unique_runs(query.load(resolve_store(spec.store), "trials", spec.name),
+                                   quiet=True)
+    except RaymetaError:
+        trials = None
+    status = dict(zip(trials["config_digest"], trials["status"])) if trials is not None else {}
+    counts = {s: 0 for s in ("completed", "collapsed", "failed", "stopped")}
+    for cell in cells:
+        if (found := status.get(cell.config.digest())) in counts:
+            counts[found] += 1
+    ran = sum(counts.values())
+    told = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("completed", "failed"))
+    if interrupted or ran < len(cells):
+        click.echo(f"interrupted after {seconds:.0f}s: {counts['completed']} of {len(cells)} "
+                   f"trials completed ({told}); continue with: raymeta sweep {sweep_file} "
+                   f"--resume{'' if store is None else ' --store ' + store}", err=True)
+    else:
+        click.echo(f"sweep '{spec.name}' finished in {seconds:.0f}s ({told})")
+    if trials is not None:
+        trials = trials.filter(pl.col("config_digest").is_in([c.config.digest() for c in cells]))
+    if trials is not None and (trials["status"] == "completed").any():
+        if ran < len(cells):
+            click.echo(f"partial results: {ran} of {len(cells)} trials")
+        click.echo(query.render(query.summary(trials)))
+        _footnotes(trials, "text")
+    if interrupted or ran < len(cells):
+        sys.exit(130)
+    if counts["failed"]:
         sys.exit(1)
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(dir_okay=False))
-def validate(paths: tuple[str, ...]) -> None:
-    """Check sweep files or experiment configs; report every problem."""
+@click.option("--address", default=None,
+              help="the Ray cluster the sweep will run on (its resources are not checked here)")
+def validate(paths: tuple[str, ...], address: str | None) -> None:
+    """Check sweep files or experiment configs as `raymeta sweep` and `run` do before they
+    start (config, data, store, resources); report every problem."""
     from raymeta.config import parse_experiment, parse_sweep
-    from raymeta.orchestrate.grid import expand, read_yaml
+    from raymeta.orchestrate.grid import absolutize, expand, read_yaml
 
     problems = 0
     for path in paths:
         try:
             data = read_yaml(path)
+            if data is None:
+                raise ConfigError(f"{path} is empty; a sweep file needs name, base and grid, an "
+                                  f"experiment config at least one section (dataset, method, ...)")
             if isinstance(data, dict) and ("grid" in data or "base" in data):
-                cells = expand(parse_sweep(data, where=path), base_dir=Path.cwd())
+                spec = parse_sweep(data, where=path)
+                cells = expand(spec, base_dir=Path.cwd())
+                _preflight([c.config for c in cells], spec.store, spec.resources, address,
+                           f"sweep '{spec.name}'")
                 click.echo(f"{path}: ok, sweep with {len(cells)} trials")
             else:
-                parse_experiment(data or {}, where=path)
+                if not isinstance(data, dict):
+                    raise ConfigError(f"{path}: expected a mapping of config sections (dataset, "
+                                      f"noise, ...), got {type(data).__name__}")
+                cfg = parse_experiment(absolutize(data, Path(path).resolve().parent), where=path)
+                _preflight([cfg], "results", None, None, path)
                 click.echo(f"{path}: ok, experiment config")
         except RaymetaError as err:
             problems += 1
             click.echo(f"{path}: {err}", err=True)
     if problems:
         sys.exit(2)
+
+
+def _preflight(cfgs, store, resources, address, what) -> None:
+    from raymeta.orchestrate.preflight import preflight
+
+    preflight(cfgs, store, resources, address, what, create_store=False)
 
 
 @cli.group()
@@ -266,8 +343,22 @@ def summary(sweep_name: str | None, store: str, by: str, columns: str, metric: s
     from raymeta.results import query
 
     trials = query.load(store, "trials", sweep_name)
-    table = query.summary(trials, by=_keys(by), columns=_keys(columns), metric=metric)
-    click.echo(query.render(table, fmt))
+    if fmt == "csv":  # numbers, one row per cell, for spreadsheets and plotting scripts
+        cells = query.summary_cells(trials, by=_keys(by), columns=_keys(columns), metric=metric)
+        click.echo(query.render(cells.select(*_keys(by), "setting", "metric", "mean", "std", "n",
+                                             "failed", "collapsed", "best"), "csv"), nl=False)
+    else:
+        table = query.summary(trials, by=_keys(by), columns=_keys(columns), metric=metric)
+        click.echo(query.render(table, fmt))
+    _footnotes(trials, fmt)
+
+
+def _footnotes(trials, fmt: str) -> None:
+    """Under a text table: what it leaves out; other formats keep them off stdout."""
+    from raymeta.results import query
+
+    for note in query.footnotes(trials):
+        click.echo(note, err=fmt != "text")
 
 
 @results.command()
@@ -283,6 +374,7 @@ def ablation(key: str, sweep_name: str | None, store: str, metric: str, fmt: str
 
     trials = query.load(store, "trials", sweep_name)
     click.echo(query.render(query.ablation(trials, key, metric=metric), fmt))
+    _footnotes(trials, fmt)
 
 
 @results.command()
@@ -331,7 +423,8 @@ def plot(kind: str, key: str | None, sweep_name: str | None, store: str, metric:
     per-epoch curves (curves); mean ± std over seeds, one line per method."""
     from raymeta.results import plots, query
 
-    out = out or f"plots/{sweep_name or 'all'}-{kind}{'-' + key if key else ''}.png"
+    named = "" if metric == "final" else f"-{metric}"  # each metric its own file
+    out = out or f"plots/{sweep_name or 'all'}-{kind}{'-' + key if key else ''}{named}.png"
     if kind == "curves":
         metric = "test_acc" if metric == "final" else metric
         table = query.curves(store, sweep=sweep_name, metrics=[metric],
@@ -340,10 +433,7 @@ def plot(kind: str, key: str | None, sweep_name: str | None, store: str, metric:
     else:
         trials = query.load(store, "trials", sweep_name)
         if kind == "noise":
-            import polars as pl
-
-            trials = trials.filter(pl.col("noise.type") != "none")
-            path = plots.metric_against(trials, "noise.rate", out, metric)
+            path = plots.against_noise_rate(trials, out, metric)
         else:
             if not key:
                 raise click.UsageError("plot ablation needs a config KEY, e.g. meta_set.per_class")
@@ -356,18 +446,18 @@ def plot(kind: str, key: str | None, sweep_name: str | None, store: str, metric:
 @_sweep_option
 @_store_option
 def failed(sweep_name: str | None, store: str) -> None:
-    """List failed trials with their reasons."""
+    """List the trials that did not complete (failed, collapsed, stopped) with their reasons."""
     import polars as pl
 
     from raymeta.results import query
 
-    trials = query.load(store, "trials", sweep_name)
+    trials = query.unique_runs(query.load(store, "trials", sweep_name))
     bad = trials.filter(pl.col("status") != "completed")
     if bad.is_empty():
-        click.echo(f"no failed trials among {len(trials)}")
+        click.echo(f"no failed or collapsed trials among {len(trials)}")
         return
-    for row in bad.select("sweep", "trial_id", "error").iter_rows():
-        click.echo(f"{row[0]}/{row[1]}: {row[2]}")
+    for row in bad.select("sweep", "trial_id", "status", "error").iter_rows():
+        click.echo(f"{row[0]}/{row[1]}: {row[2]}: {row[3]}")
 
 
 def _keys(text: str) -> list[str]:

@@ -447,9 +447,18 @@ class ExperimentConfig(_Config):
         return flatten(self.model_dump(mode="json"))
 
     def digest(self) -> str:
-        """A short stable hash of the whole config."""
+        """A short stable hash of the whole config (defaults included, the seed too)."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    def trial_id(self) -> str:
+        """The experiment's identity in results stores: readable, and a function of the config
+        digest alone, so the same experiment has the same id whichever sweep, command or pack
+        of seeds ran it."""
+        noise = "clean" if self.noise.type == "none" else f"{self.noise.type}{self.noise.rate:g}"
+        method = self.method.name + ("-famus" if getattr(self.method, "famus", False) else "")
+        data = self.dataset.name + ("-pseudo" if self.meta_set.source == "pseudo" else "")
+        return f"{method}_{data}_{noise}_s{self.seed}_{self.digest()}"
 
 
 # -------------------------------------------------------------------------------- sweeps

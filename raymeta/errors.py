@@ -15,3 +15,11 @@ class DataError(RaymetaError):
 
 class DatasetNotFoundError(DataError):
     """The files of a dataset are not where the config says."""
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices`, or ''."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""

@@ -134,6 +134,8 @@ CASES = [
      "--seeds expects seeds separated by commas"),
     ("packed seeds with FaMUS", "run", lambda d: experiment(method={"name": "mwnet", "famus": True}),
      ["--seeds", "0,1"], "do not combine with method.famus"),
+    ("a repeated grid value", "sweep", lambda d: {**sweep(), "grid": {"seed": [0, 1, 0]}}, [],
+     "grid key 'seed' repeats the value(s) 0"),
     ("YAML syntax error", "yaml", lambda d: "name: x\nbase: {dataset: {name: digits}\ngrid: {}\n", [],
      "line 3"),
 ]
@@ -163,6 +165,33 @@ def test_bad_input_is_refused_early(name, kind, make, args, message, tmp_path, m
     assert message in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()  # nothing written
     assert ray.is_initialized() == ray_before  # the command never started Ray
+
+
+@pytest.mark.parametrize("name,kind,make,args,message", [c for c in CASES if not c[3]],
+                         ids=[c[0] for c in CASES if not c[3]])
+def test_validate_refuses_what_run_and_sweep_refuse(name, kind, make, args, message, tmp_path,
+                                                    monkeypatch, capsys):
+    """`raymeta validate` makes the same checks (config, data, store, resources), without
+    creating anything."""
+    monkeypatch.chdir(tmp_path)
+    content = make(tmp_path)
+    path = tmp_path / "input.yaml"
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    code, err = run_cli(["validate", str(path)], monkeypatch, capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "results").exists()
+
+
+def test_validate_refuses_an_empty_file_and_reports_a_problem_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.yaml").write_text("")
+    code, err = run_cli(["validate", "empty.yaml"], monkeypatch, capsys)
+    assert code == 2 and "empty.yaml is empty" in err
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump(
+        {**sweep(), "grid": {"seed": [0, 1, 2], "noise.rat": [0.2, 0.4]}}))
+    code, err = run_cli(["validate", "typo.yaml"], monkeypatch, capsys)
+    assert code == 2 and err.count("unknown key 'noise.rat'") == 1  # once, not once per cell
+    assert "and 5 more cell(s)" in err
 
 
 def test_at_least_25_cases():

@@ -28,9 +28,17 @@ meta_set: {per_class: 5}
 """
 
 
-def test_validate_shipped_sweeps(tmp_path):
-    proc = raymeta("validate", *map(str, sorted(ROOT.glob("sweeps/*.yaml"))), cwd=tmp_path)
+def test_validate_shipped_sweeps():
+    """Every shipped sweep is valid; those that need GPUs or data this machine lacks are
+    refused for that reason alone, as `raymeta sweep` would refuse them."""
+    files = sorted(ROOT.glob("sweeps/*.yaml"))
+    proc = raymeta("validate", *(str(f.relative_to(ROOT)) for f in files), cwd=ROOT, check=False)
     assert "quickstart.yaml: ok, sweep with 36 trials" in proc.stdout
+    assert "mnist-mlc-table1.yaml: ok, sweep with 108 trials" in proc.stdout  # ../shared/data
+    refused = proc.stderr.strip().splitlines()
+    assert len(proc.stdout.splitlines()) + len(refused) == len(files)
+    assert all("GPU per trial, but this machine has no GPU" in line or "no data found" in line
+               for line in refused), refused
 
 
 def test_bad_input_exits_2_with_the_reason(tmp_path):
@@ -59,10 +67,37 @@ def test_run_then_summary(tmp_path):
     assert final and final[0].split(":")[1] in again.stdout  # the same result, from the checkpoint
     missing = raymeta("results", "summary", "--sweep", "nope", cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "no trials results for sweep 'nope'" in missing.stderr
+    no_trial = raymeta("results", "curves", "--trial", "xyz", "--sweep", "runs", cwd=tmp_path,
+                       check=False)
+    assert no_trial.returncode == 2 and "no curves of trial(s) xyz in sweep 'runs'" in no_trial.stderr
+    costs = raymeta("results", "summary", "--sweep", "runs", "--metric", "wall_seconds", cwd=tmp_path)
+    seconds = float(costs.stdout.splitlines()[2].split()[1])
+    assert 0 < seconds < 300  # seconds, not a percentage
+
+
+def test_ctrl_c_of_a_run_says_how_to_resume(tmp_path):
+    import signal
+    import time
+
+    (tmp_path / "exp.yaml").write_text(TINY.replace("epochs: 2", "epochs: 5000"))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "raymeta.cli", "run", "exp.yaml"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/checkpoint.pt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert "interrupted: no results row was written; its last finished epoch is saved in runs/" in err
+    assert "continue with: raymeta run exp.yaml --resume" in err
+    assert not (tmp_path / "results" / "trials").exists()
 
 
 def test_run_packed_seeds_writes_a_row_per_seed(tmp_path):
     (tmp_path / "exp.yaml").write_text(TINY)
+    single = raymeta("run", "exp.yaml", "--set", "noise.type=uniform", "--set", "noise.rate=0.4",
+                     "--set", "method.name=mwnet", cwd=tmp_path)
     proc = raymeta("run", "exp.yaml", "--set", "noise.type=uniform", "--set", "noise.rate=0.4",
                    "--set", "method.name=mwnet", "--seeds", "0,1,2", cwd=tmp_path)
     assert "epoch   2/2  test_acc per seed" in proc.stdout and "(3 seeds)" in proc.stdout
@@ -70,6 +105,10 @@ def test_run_packed_seeds_writes_a_row_per_seed(tmp_path):
     assert list((tmp_path / "runs").glob("mwnet_digits_uniform0.4_s0_*-pack3/checkpoint.pt"))
     summary = raymeta("results", "summary", "--sweep", "runs", cwd=tmp_path)
     assert "(3)" in summary.stdout  # three seeds: mean ± std over them
+    # seed 0 ran alone first and again in the pack: one experiment, one trial id, one row
+    trial_id = single.stdout.strip().splitlines()[-1].split(":")[0]
+    assert trial_id.startswith("mwnet_digits_uniform0.4_s0_") and f"{trial_id}: final" in proc.stdout
+    assert len(list((tmp_path / "results" / "trials" / "sweep=runs").glob("*.parquet"))) == 3
     # resuming that pack's folder with other seeds is refused before anything is trained
     other = raymeta("run", "exp.yaml", "--set", "noise.type=uniform", "--set", "noise.rate=0.4",
                     "--set", "method.name=mwnet", "--seeds", "0,1,3", "--resume", "--out",
@@ -157,3 +196,6 @@ def test_sweep_into_s3_and_summary_from_it(tmp_path, s3_server):
              fs.get_file_info(pafs.FileSelector(base, recursive=True))}
     assert len([n for n in names if n.startswith("/trials/sweep=s3mini/")]) == 2
     assert any(n.startswith("/tune/s3mini/") for n in names)  # Tune's own state, for --resume
+    # each trial's checkpoint at a path of its own, beside its rows
+    assert len([n for n in names if n.startswith("/checkpoints/sweep=s3mini/")
+                and n.endswith("/checkpoint.pt")]) == 2

@@ -205,7 +205,7 @@ def test_sweep_with_two_workers_per_trial(ray_session, tmp_path):
                         "grid": {"seed": [0]}})
     spec = spec.model_copy(update={"base": {**spec.base, "train": {**spec.base["train"], "epochs": 2}}})
     cells = expand(spec)
-    assert run_sweep(spec, cells) == 0
+    assert run_sweep(spec, cells).failed == 0
     trials = query.load(str(tmp_path), "trials", spec.name)
     assert trials["world_size"].to_list() == [2] and trials["status"].to_list() == ["completed"]
     assert trials["tune_trial_id"].str.len_chars().min() > 0

@@ -118,7 +118,7 @@ def test_packed_sweep_writes_a_row_and_curves_per_seed(ray_session, tmp_path):
                                  "seed": [0, 1, 2]},
                         "resources": {"cpus_per_trial": 1, "seeds_per_trial": 2}})
     cells = expand(spec)
-    assert run_sweep(spec, cells) == 3  # failed cells, not failed packs
+    assert run_sweep(spec, cells).failed == 3  # failed cells, not failed packs
     trials = query.load(str(tmp_path), "trials", "packed")
     assert sorted(trials["trial_id"].to_list()) == sorted(c.trial_id for c in cells)
     done = trials.filter(pl.col("status") == "completed")
@@ -132,7 +132,7 @@ def test_packed_sweep_writes_a_row_and_curves_per_seed(ray_session, tmp_path):
     assert curves.group_by("trial_id").agg(pl.len())["len"].to_list() == [2] * 6
     # a rerun finds every completed seed's row and trains only the failed ones again
     before = done["finished_at"].sort().to_list()
-    assert run_sweep(spec, expand(spec)) == 3
+    assert run_sweep(spec, expand(spec)).failed == 3
     again = query.load(str(tmp_path), "trials", "packed").filter(pl.col("status") == "completed")
     assert again["finished_at"].sort().to_list() == before
 

@@ -246,3 +246,76 @@ def test_a_writer_killed_mid_write_leaves_no_partial_file(tmp_path):
     curves = query.load(store, "curves", "killed")
     assert len(trials) >= 3 and set(curves["trial_id"]) >= set(trials["trial_id"])
     assert curves.group_by("trial_id").len()["len"].unique().to_list() == [20000]  # whole files only
+
+
+def run_row(digest, acc, finished, status="completed", **more):
+    return {**row("mwnet", "uniform", 0.4, 0, acc, status), "config_digest": digest,
+            "finished_at": finished, **more}
+
+
+def test_the_same_experiment_counts_once_across_sweeps_and_commands(tmp_path, capsys):
+    """One run in two sweeps of one store (or a run and a --seeds pack of it) is one seed."""
+    store = str(tmp_path)
+    write_trial(store, "a", "mwnet-0", run_row("d0", 0.80, "2026-01-01T00:00:00"), [])
+    write_trial(store, "b", "mwnet-0", run_row("d0", 0.90, "2026-01-02T00:00:00"), [])
+    write_trial(store, "b", "mwnet-0-old-id", run_row("d0", 0.10, "2026-01-03T00:00:00", "failed"), [])
+    write_trial(store, "b", "mwnet-1", {**run_row("d1", 0.70, "2026-01-01T00:00:00"), "seed": 1}, [])
+    table = query.summary(query.load(store), mark_best=False)
+    # the newest finished row of d0 (0.90) and d1: two seeds, not four rows
+    assert table["uniform 0.4"].item() == "80.00 ± 14.14 (2)"
+    assert "2 row(s) repeat an experiment already counted" in capsys.readouterr().err
+
+
+def test_costs_are_summarised_in_their_units_and_the_smallest_is_best(tmp_path):
+    store = str(tmp_path)
+    for method, seconds in (("ce", [10.0, 12.0]), ("mwnet", [40.0, 44.0])):
+        for seed, value in enumerate(seconds):
+            write_trial(store, "s", f"{method}-{seed}",
+                        {**row(method, "uniform", 0.4, seed, 0.9), "wall_seconds": value}, [])
+    table = query.summary(query.load(store, "trials", "s"), metric="wall_seconds")
+    cells = dict(zip(table["method"], table["uniform 0.4"]))
+    assert cells == {"ce": "**11 ± 1.4 (2)**", "mwnet": "42 ± 2.8 (2)"}
+    with pytest.raises(ConfigError, match="unknown metric 'finl' \\(did you mean 'final'\\?\\)"):
+        query.summary(query.load(store, "trials", "s"), metric="finl")
+    cells = query.summary_cells(query.load(store, "trials", "s"), metric="final")
+    assert cells["mean"].dtype == pl.Float64 and cells["n"].to_list() == [2, 2]
+
+
+def test_collapsed_runs_are_left_out_of_the_means_and_counted(tmp_path):
+    store = str(tmp_path)
+    fill(store)
+    write_trial(store, "s", "mwnet-uniform-9", row("mwnet", "uniform", 0.4, 9, 0.1, "collapsed"), [])
+    trials = query.load(store, "trials", "s")
+    cells = {r["method"]: r for r in query.summary(trials).iter_rows(named=True)}
+    assert cells["mwnet"]["uniform 0.4"] == "**88.00 ± 2.00 (3, 1 collapsed)**"
+    assert query.footnotes(trials) == ["1 run(s) collapsed (trained to chance), left out of the "
+                                       "means: raymeta results failed"]
+
+
+def test_render_of_an_empty_table():
+    assert query.render(pl.DataFrame(schema={"method": pl.String})).splitlines() == ["method", "------"]
+
+
+def test_a_mixed_method_store_reads_with_plain_polars_and_duckdb(tmp_path):
+    """The one-liners of docs/queries.md: trial files of different methods have different
+    columns, so they are read by column name."""
+    store = str(tmp_path)
+    fill(store)
+    write_trial(store, "s", "mlc-0", {**row("mlc", "uniform", 0.4, 0, 0.9), "method.t_on_logits": False},
+                [{"epoch": 0, "test_acc": 0.9, "T": [[0.9, 0.1], [0.2, 0.8]]}])
+    trials = pl.concat([pl.read_parquet(f) for f in sorted(tmp_path.glob("trials/*/*.parquet"))],
+                       how="diagonal_relaxed")
+    assert len(trials) == 8 and trials["method.t_on_logits"].null_count() == 7
+    curves = pl.read_parquet(tmp_path / "curves" / "sweep=s" / "mlc-0.parquet")
+    assert curves["T"].to_list() == [[[0.9, 0.1], [0.2, 0.8]]]  # a list column, not JSON text
+    import duckdb
+
+    got = duckdb.sql(f"""
+        SELECT "method.name" AS method, count(*) AS n, avg(final_test_acc) AS acc
+        FROM read_parquet('{tmp_path}/trials/*/*.parquet', union_by_name = true,
+                          hive_partitioning = true)
+        WHERE status = 'completed' GROUP BY ALL ORDER BY method""").fetchall()
+    assert [(m, n) for m, n, _ in got] == [("ce", 4), ("mlc", 1), ("mwnet", 3)]
+    sweeps = duckdb.sql(f"""SELECT DISTINCT sweep FROM read_parquet(
+        '{tmp_path}/trials/*/*.parquet', union_by_name = true, hive_partitioning = true)""").fetchall()
+    assert sweeps == [("s",)]

@@ -28,7 +28,7 @@ def test_sweep_writes_rows_curves_and_failures(ray_session, tmp_path):
     })
     cells = expand(spec)
     assert len(cells) == 6
-    assert run_sweep(spec, cells) == 1  # the sweep goes on past the failed trial
+    assert run_sweep(spec, cells).failed == 1  # the sweep goes on past the failed trial
 
     trials = query.load(str(tmp_path), "trials", "e2e")
     assert len(trials) == 6 and trials["trial_id"].n_unique() == 6
@@ -80,8 +80,10 @@ resources: {cpus_per_trial: 1, max_concurrent_trials: 2}
 """
 
 
-def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
-    """Kill the driver (and its local Ray) mid-sweep, then `raymeta sweep --resume`."""
+def test_interrupted_sweep_says_so_and_resumes_each_trial_once(tmp_path):
+    """Ctrl-C (SIGINT) mid-sweep: exit 130, a message that names --resume, a summary marked
+    partial. Then SIGKILL of the driver and its Ray mid-resume. Then a resume that finishes:
+    every trial exactly once, finished trials not rerun, curves complete."""
     import os
     import signal
     import subprocess
@@ -92,23 +94,40 @@ def test_killed_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "raymeta.cli", "sweep", "sweep.yaml"]
     rows = tmp_path / "out" / "trials" / "sweep=resumable"
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(rows.glob("*.parquet"))) >= 4:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, "the sweep finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-    proc.wait()
+
+    def start_and_wait_for(count: int, *args: str) -> subprocess.Popen:
+        proc = subprocess.Popen([*command, *args], cwd=tmp_path, env=env, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(list(rows.glob("*.parquet"))) >= count:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the sweep finished before it could be interrupted"
+        return proc
+
+    proc = start_and_wait_for(3)
+    proc.send_signal(signal.SIGINT)  # the driver only, as `kill -INT`
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out + err
+    assert "continue with: raymeta sweep sweep.yaml --resume" in err
+    assert "interrupted after" in err and "of 12 trials completed" in err
+    assert "Tuner.restore" not in out + err
     before = query.load(str(tmp_path / "out"), "trials", "resumable")
-    assert 4 <= len(before) < 12
-    finished = dict(zip(before["trial_id"], before["finished_at"]))
+    assert 3 <= len(before) < 12 and (before["status"] == "completed").all()
+    assert "partial results: " in out
+
+    proc = start_and_wait_for(len(before) + 2, "--resume")
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+    proc.communicate()
+    middle = query.load(str(tmp_path / "out"), "trials", "resumable")
+    finished = dict(zip(middle["trial_id"], middle["finished_at"]))
 
     done = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "12 completed, 0 failed" in done.stdout and "[12/12 done" in done.stdout
+    assert "Traceback" not in done.stderr and "Could not fetch metrics" not in done.stderr
     trials = query.load(str(tmp_path / "out"), "trials", "resumable")
     assert len(trials) == 12 and trials["trial_id"].n_unique() == 12
     assert (trials["status"] == "completed").all()
@@ -127,7 +146,7 @@ def test_asha_stops_bad_trials_and_records_them(ray_session, tmp_path):
         "resources": {"max_concurrent_trials": 1},
         "early_stopping": {"scheduler": "asha", "grace_period": 1, "reduction_factor": 2},
     })
-    assert run_sweep(spec, expand(spec)) == 0
+    assert run_sweep(spec, expand(spec)).failed == 0
     trials = query.load(str(tmp_path), "trials", "asha")
     assert len(trials) == 4
     by_lr = {r["optimizer.lr"]: r for r in trials.iter_rows(named=True)}

@@ -119,3 +119,37 @@ def test_compile_trains_like_eager(method):
     for eager, compiled in zip(runs[False].curves, runs[True].curves):
         assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
         assert compiled["test_acc"] == pytest.approx(eager["test_acc"], abs=0.01)
+
+
+def test_a_collapsed_run_is_stored_as_collapsed_and_listed(tmp_path):
+    """Weight decay that wins over every gradient leaves a model that predicts the same for
+    every input: loss ln K, chance accuracy, no NaN. It must not pass as a result."""
+    import subprocess
+    import sys
+
+    from raymeta.orchestrate.trial import run_trial
+    from raymeta.results import query
+
+    collapsing = cfg(optimizer={"lr": 0.1, "weight_decay": 5.0, "momentum": 0.0},
+                     train={"epochs": 4})
+    row = run_trial(collapsing, store=str(tmp_path), sweep="s", trial_id=collapsing.trial_id())
+    assert row["status"] == "collapsed"
+    assert row["error"].startswith("collapsed at epoch 0: training loss stuck at ln K = 2.3026")
+    healthy = cfg()
+    assert run_trial(healthy, store=str(tmp_path), sweep="s", trial_id=healthy.trial_id())["status"] == "completed"
+    trials = query.load(str(tmp_path), "trials", "s")
+    assert len(query.load(str(tmp_path), "curves", "s")) == 6  # the collapsed run keeps its curves
+    assert query.summary(trials)["clean"].item().endswith("(1, 1 collapsed)**")
+    listed = subprocess.run([sys.executable, "-m", "raymeta.cli", "results", "failed", "--store",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert f"s/{collapsing.trial_id()}: collapsed: collapsed at epoch 0" in listed.stdout
+
+
+def test_the_trial_id_is_the_experiment_not_the_way_it_was_written():
+    from raymeta.train.packed import packed_configs
+
+    written = parse_experiment({**tiny_experiment(), "seed": 1})
+    defaulted = cfg()
+    packed = packed_configs(defaulted, [0, 1])
+    assert [c.trial_id() for c in packed] == [defaulted.trial_id(), written.trial_id()]
+    assert defaulted.trial_id().startswith("ce_digits_clean_s0_")

@@ -127,9 +127,9 @@ def read_label_file(path: str, key: str | None, expected: int) -> np.ndarray:
         if file.suffix == ".npy":
             labels = np.load(file)
         elif file.suffix == ".pt":
-            import torch
+            from raymeta.safeload import safe_load
 
-            content = torch.load(file, map_location="cpu", weights_only=False)
+            content = safe_load(str(file), numpy=True)
             if isinstance(content, dict):
                 label_keys = sorted(k for k in content if "label" in str(k)) or sorted(content)
                 if key is None:

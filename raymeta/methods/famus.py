@@ -164,7 +164,7 @@ class Famus:
         metrics = {"famus_active_tensors": float(sum(frequency)) + len(self.always_on),
                    "famus_gate_frequency": [round(f, 4) for f in frequency],
                    "famus_meta_cosine": (sum(self.cosines) / len(self.cosines)
-                                         if self.cosines else float("nan"))}
+                                         if self.cosines else None)}  # null: not measured
         self.gate_sum.zero_()
         self.meta_steps = 0
         self.cosines = []

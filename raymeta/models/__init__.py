@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 
-from raymeta.errors import ConfigError
+from raymeta.errors import ConfigError, did_you_mean
 from raymeta.models.base import Backbone, is_int
 from raymeta.models.imagenet import ResNet50
 from raymeta.models.resnets import PreActResNet18, ResNet32, WideResNet
@@ -25,11 +24,6 @@ MODEL_NAMES: tuple[str, ...] = tuple(_REGISTRY)
 __all__ = ["MODEL_NAMES", "Backbone", "build_model", "model_options"]
 
 
-def _did_you_mean(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(word.lower(), choices, n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def model_options(name: str) -> dict[str, object]:
     """The options a model accepts, with their defaults."""
     cls = _lookup(name)
@@ -40,7 +34,7 @@ def model_options(name: str) -> dict[str, object]:
 def _lookup(name: str) -> type[Backbone]:
     if name not in _REGISTRY:
         raise ConfigError(
-            f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}{_did_you_mean(str(name), MODEL_NAMES)}"
+            f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}{did_you_mean(str(name).lower(), MODEL_NAMES)}"
         )
     return _REGISTRY[name]
 
@@ -56,7 +50,7 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int, 
         if key not in allowed:
             listed = ", ".join(allowed) if allowed else "none"
             raise ConfigError(
-                f"model {name!r} has no option {key!r}; allowed options: {listed}{_did_you_mean(key, list(allowed))}"
+                f"model {name!r} has no option {key!r}; allowed options: {listed}{did_you_mean(key, list(allowed))}"
             )
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if not is_int(value) or value < 1:

@@ -17,7 +17,6 @@ from raymeta.config import (ExperimentConfig, SweepSpec, get_dotted, parse_exper
                             parse_sweep, set_dotted)
 from raymeta.errors import ConfigError
 from raymeta.methods.packed import packing_problem
-from raymeta.orchestrate.trial import trial_id_for
 
 PATH_KEYS = ("dataset.root", "noise.file", "noise.probs_file", "model.options.weights_path")
 """config values that are file paths: made absolute, because trials run in other folders"""
@@ -76,6 +75,12 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         if not values:
             raise ConfigError(f"sweep '{spec.name}': grid key '{key}' has no values; give at "
                               f"least one, or remove the key")
+        texts = [yaml.safe_dump(v, sort_keys=True) for v in values]
+        repeated = [v for i, v in enumerate(values) if texts[i] in texts[:i]]
+        if repeated:  # seed: [0, 0] would count one run as two seeds
+            raise ConfigError(f"sweep '{spec.name}': grid key '{key}' repeats the value(s) "
+                              f"{', '.join(map(repr, repeated))}; each value must appear once "
+                              f"(a repeated seed is the same run, not another seed)")
     keys = list(spec.grid)
     cells, errors, seen = [], [], set()
     used_rules = set()
@@ -90,30 +95,43 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
             continue
         data = absolutize(data, Path(base_dir))
         try:
-            cfg = parse_experiment(data, where=f"cell {overrides}")
-        except ConfigError as err:
-            errors.append(str(err))
+            cfg = parse_experiment(data, where=CELL)
+        except ConfigError as err:  # the same problem in many cells is reported once
+            errors.append((str(err), f"cell {overrides}"))
             continue
         digest = cfg.digest()
         if digest in seen:  # two grid cells that are the same experiment run once
             continue
         seen.add(digest)
         if spec.resources.seeds_per_trial > 1 and (problem := packing_problem(cfg)):
-            errors.append(problem)  # the same for every seed: listed once
+            errors.append((problem, ""))  # the same for every seed: listed once
             continue
-        trial_id = trial_id_for(cfg, data)
-        cells.append(Cell(trial_id, cfg, overrides))
+        cells.append(Cell(cfg.trial_id(), cfg, overrides))
     unused = [spec.exclude[i] for i in range(len(spec.exclude)) if i not in used_rules]
     if unused:
-        errors.append(f"exclude rule(s) that match no cell of the grid: {unused}; check the "
-                      f"keys and values (they must equal grid values exactly)")
+        errors.append((f"exclude rule(s) that match no cell of the grid: {unused}; check the "
+                       f"keys and values (they must equal grid values exactly)", ""))
     if errors:
-        unique = list(dict.fromkeys(errors))
+        cells_of: dict[str, list[str]] = {}
+        for text, cell in errors:
+            cells_of.setdefault(text, []).append(cell)
+        unique = [_name_cells(text, found) for text, found in cells_of.items()]
         more = f"\n(and {len(unique) - 5} more)" if len(unique) > 5 else ""
         raise ConfigError(f"sweep '{spec.name}' has invalid cells:\n" + "\n".join(unique[:5]) + more)
     if not cells:
         raise ConfigError(f"sweep '{spec.name}' has no cells to run (every cell is excluded)")
     return cells
+
+
+CELL = "\0cell"
+"""stands for the cell's name in its config errors, so that one problem is listed once"""
+
+
+def _name_cells(text: str, cells: list[str]) -> str:
+    if CELL not in text:
+        return text
+    more = f" and {len(cells) - 1} more cell(s)" if len(cells) > 1 else ""
+    return text.replace(CELL, f"{cells[0]}{more}")
 
 
 def pack_cells(cells: list[Cell], seeds_per_trial: int) -> list[list[Cell]]:

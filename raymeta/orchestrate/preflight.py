@@ -5,7 +5,9 @@ sweep on rented GPUs."""
 from __future__ import annotations
 
 import json
+import os
 import uuid
+from pathlib import Path
 
 from raymeta.config import ExperimentConfig, ResourcesConfig
 from raymeta.data.bundle import check_data
@@ -27,9 +29,18 @@ def check_all_data(cfgs: list[ExperimentConfig]) -> None:
             check_data(cfg)
 
 
-def check_store(store: str) -> None:
-    """The store can be written: create it and write (and remove) a probe object."""
+def check_store(store: str, create: bool = True) -> None:
+    """The store can be written: create it and write (and remove) a probe object. Without
+    `create` (raymeta validate) a local store that does not exist yet is not made: the
+    nearest folder that exists must be writable."""
     store = resolve_store(store)
+    if not create and "://" not in store and not Path(store).exists():
+        parent = next(p for p in Path(store).parents if p.exists())
+        if not (parent.is_dir() and os.access(parent, os.W_OK | os.X_OK)):
+            raise ConfigError(f"results store {store} cannot be created ({parent} is not a "
+                              f"writable folder); choose a folder you can write to, or a URI "
+                              f"with credentials (--store)")
+        return
     try:
         fs, base = filesystem(store)
         fs.create_dir(base, recursive=True)
@@ -43,8 +54,9 @@ def check_store(store: str) -> None:
 
 
 def preflight(cfgs: list[ExperimentConfig], store: str, resources: ResourcesConfig | None,
-              address: str | None, what: str) -> None:
+              address: str | None, what: str, create_store: bool = True) -> None:
+    """Every check `raymeta run`, `sweep` and `validate` make before Ray starts."""
     if resources is not None and not address:
         check_capacity(resources, what)
     check_all_data(cfgs)
-    check_store(store)  # last: it creates the store's folder
+    check_store(store, create=create_store)  # last: it creates the store's folder

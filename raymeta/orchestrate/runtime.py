@@ -6,6 +6,7 @@ without it.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -21,6 +22,9 @@ os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # a checkpoint every epoch is the design; Tune's warning about frequent snapshots is noise here
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune warns when a step of its loop takes over 0.5 s; on a busy 2-core machine writing a
+# trial's rows does, and the warning says nothing the user can act on
+os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
 
 
 def start_ray(address: str | None) -> None:
@@ -32,6 +36,8 @@ def start_ray(address: str | None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
         return
+    # token authentication stays on (Ray's default); its notice that it is on is not repeated
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     ray.init(log_to_driver=False, configure_logging=True, logging_level="WARNING")
 
 

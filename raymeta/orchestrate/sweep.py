@@ -16,18 +16,29 @@ training metric per epoch; a stopped trial's rows are written from its last chec
 
 from __future__ import annotations
 
-import io
+import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import polars as pl
+import pyarrow.fs as pafs
 
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
+from raymeta.errors import ConfigError
 from raymeta.orchestrate.grid import Cell, pack_cells
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
 from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row
-from raymeta.results.store import completed_digest, resolve_store, store_join, write_trial
-from raymeta.train.trainer import curve_outcome
+from raymeta.results.store import (FINISHED, completed_digest, filesystem, resolve_store, store_join,
+                                   write_trial)
+from raymeta.train.packed import pack_digest
+from raymeta.train.trainer import CHECKPOINT_FILE, check_checkpoint, curve_outcome, load_state_bytes
 
 DRIVER_CPUS = 0.01
 """what the Tune trial of a multi-worker run reserves itself (out of cpus_per_trial; the
@@ -36,7 +47,9 @@ workers share the rest): it only waits on its workers"""
 
 def _tune_trial(config: dict) -> None:
     """The Tune trainable: train one cell (or, packed, several seeds of one setting), report
-    each epoch, write the rows."""
+    each epoch, write the rows. Its checkpoint lives at a path of its own in the store
+    (`TrialCheckpoint`), so a restarted or resumed trial continues from its last epoch
+    whatever Tune's own state says."""
     import ray
     import ray.tune
 
@@ -47,7 +60,9 @@ def _tune_trial(config: dict) -> None:
     resources = ResourcesConfig.model_validate(config["resources"])
     if not config.get("rerun") and all(completed_digest(config["store"], config["sweep"], i)
                                        == c.digest() for i, c in zip(trial_ids, cfgs)):
-        return  # it finished before the sweep was interrupted: its rows are in the store
+        # it finished before the sweep was interrupted: its rows are in the store
+        ray.tune.report({ALREADY_DONE: True})
+        return
     if resources.workers_per_trial > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -58,52 +73,123 @@ def _tune_trial(config: dict) -> None:
                         driver_cpus=DRIVER_CPUS,
                         extra={"tune_trial_id": ray.tune.get_context().get_trial_id()})
         return
+    checkpoint = TrialCheckpoint(config["store"], config["sweep"], cell["trial_id"])
+    digest = pack_digest(cfgs) if "pack" in cell else cfgs[0].digest()
 
     def report(metrics: dict | list[dict], trainer) -> None:
         if isinstance(metrics, list):  # packed seeds: Tune sees the mean of their metrics
             numeric = [k for k, v in metrics[0].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
             metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in numeric}
-        with tempfile.TemporaryDirectory() as folder:
-            trainer.save_checkpoint(folder)
-            ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+        checkpoint.push()
+        ray.tune.report(metrics)
 
-    def run(resume_from=None) -> None:
-        extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
-                 "ray_node_id": ray.get_runtime_context().get_node_id()}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = checkpoint.folder(scratch)
+        resume_from = None if config.get("rerun") else checkpoint.fetch(scratch, digest)
         where = {"store": config["store"], "sweep": config["sweep"], "on_epoch_end": report,
-                 "resume_from": resume_from, "extra": extra}
+                 "checkpoint_dir": folder, "resume_from": resume_from,
+                 "extra": {"tune_trial_id": ray.tune.get_context().get_trial_id(),
+                           "ray_node_id": ray.get_runtime_context().get_node_id()}}
         if "pack" in cell:
             run_packed_trial(cfgs, trial_ids, **where)
         else:
             run_trial(cfgs[0], trial_id=trial_ids[0], **where)
 
-    checkpoint = ray.tune.get_checkpoint()
-    if checkpoint is None:
-        run()
-    else:  # a restarted trial continues from its last epoch
-        with checkpoint.as_directory() as folder:
-            run(resume_from=folder)
+
+ALREADY_DONE = "already_completed"
+"""what a trial reports when its rows were in the store before it started"""
 
 
-def _progress_callback(total: int):
+class TrialCheckpoint:
+    """A trial's checkpoint at a stable path of its own in the store,
+    `<store>/checkpoints/sweep=<name>/<trial id>/checkpoint.pt`, rewritten each epoch: a
+    resume never meets a checkpoint that Tune deleted or never registered. The Trainer writes
+    it in place in a local store; for an object store it writes a local copy that each
+    epoch uploads."""
+
+    def __init__(self, store: str, sweep: str, trial_id: str):
+        self.fs, base = filesystem(store_join(store, "checkpoints", f"sweep={sweep}", trial_id))
+        self.file = f"{base}/{CHECKPOINT_FILE}"
+        self.in_place = isinstance(self.fs, pafs.LocalFileSystem)
+        self.scratch: str | None = None
+
+    def folder(self, scratch: str) -> str:
+        """Where the Trainer writes the checkpoint."""
+        self.scratch = None if self.in_place else scratch
+        return self.file.rsplit("/", 1)[0] if self.in_place else scratch
+
+    def fetch(self, scratch: str, digest: str) -> str | None:
+        """The folder to resume from, or None: no checkpoint yet, or one of another config."""
+        if self.fs.get_file_info(self.file).type != pafs.FileType.File:
+            return None
+        folder = self.file.rsplit("/", 1)[0]
+        if not self.in_place:
+            pafs.copy_files(self.file, f"{scratch}/{CHECKPOINT_FILE}", source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+            folder = scratch
+        try:
+            check_checkpoint(folder, digest)
+        except (ConfigError, OSError, RuntimeError) as err:
+            print(f"not resuming from {self.file} ({err}); training from epoch 0", file=sys.stderr)
+            return None
+        return folder
+
+    def push(self) -> None:
+        """After the Trainer saved an epoch: upload it (object stores)."""
+        if self.scratch is not None:
+            pafs.copy_files(f"{self.scratch}/{CHECKPOINT_FILE}", self.file,
+                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+
+    def state(self) -> dict | None:
+        """The Trainer state of the last saved epoch, or None."""
+        try:
+            with self.fs.open_input_file(self.file) as source:
+                return load_state_bytes(source.read())
+        except (FileNotFoundError, OSError):
+            return None
+
+
+def _progress_callback(total: int, early_stopping: bool):
     import ray.tune
+    from ray.tune.experiment import Trial
+
+    total_trials = total
 
     class Progress(ray.tune.Callback):
         """Instead of Tune's tables: one live line on a terminal (rewritten in place; failures
-        keep their own line), one line per finished trial in a log file."""
+        keep their own line), one line per finished trial in a log file. Counts come from
+        Tune's trial list, so a resumed sweep counts what finished before it."""
 
         def __init__(self):
-            self.done = self.failed = 0
+            self.setup()
+
+        def setup(self, **info):
+            """At each start of Tune's loop (Tuner.restore brings back this object as it was
+            pickled with the experiment, so a resumed sweep starts it afresh here)."""
+            self.finished: set[str] = set()
+            self.failed = self.trained = 0
+            self.seen_restored = False
             self.started = time.monotonic()
 
+        def on_step_begin(self, iteration, trials, **info):
+            if not self.seen_restored:  # trials a resumed sweep restores as already finished
+                self.seen_restored = True
+                self.finished |= {t.trial_id for t in trials
+                                  if t.status in (Trial.TERMINATED, Trial.ERROR)}
+                self.failed += sum(t.status == Trial.ERROR for t in trials)
+
         def _line(self, trials, trial, text: str, keep: bool = False) -> None:
-            finished = self.done + self.failed
-            running = sum(t.status == "RUNNING" and t is not trial for t in trials)
+            self.finished.add(trial.trial_id)
+            # Tune creates trials as slots free up: its list is not the whole sweep yet
+            total, finished = max(total_trials, len(trials)), len(self.finished)
+            running = sum(t.status == Trial.RUNNING and t.trial_id not in self.finished
+                          for t in trials)
             elapsed = time.monotonic() - self.started
-            eta = elapsed / finished * (total - finished) if finished else 0.0
+            # the ETA of the trials that trained here (not of those found done in the store)
+            eta = f", eta {elapsed / self.trained * (total - finished):.0f}s" if self.trained else ""
             line = (f"[{finished}/{total} done, {running} running, {self.failed} failed, "
-                    f"{total - finished - running} pending; {elapsed:.0f}s, eta {eta:.0f}s] "
+                    f"{total - finished - running} pending; {elapsed:.0f}s{eta}] "
                     f"{trial.config['cell']['trial_id']}: {text}")
             if sys.stdout.isatty() and not keep:
                 width = shutil.get_terminal_size().columns - 1
@@ -113,21 +199,24 @@ def _progress_callback(total: int):
                 print(("\n" if sys.stdout.isatty() else "") + line, flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.done += 1
             result = trial.last_result or {}
             epochs = trial.config["cell"]["experiment"]["train"]["epochs"]
-            if "test_acc" not in result:
+            if result.get(ALREADY_DONE) or "test_acc" not in result:
                 text = "already completed (rows in the store)"
-            elif result.get("epoch", epochs - 1) < epochs - 1:
-                text = f"stopped early after epoch {result['epoch']} (meta_acc {result['meta_acc']:.4f})"
             else:
-                text = f"test_acc {result['test_acc']:.4f}"
-                if "pack" in trial.config["cell"]:
-                    text += f" (mean of its {len(trial.config['cell']['pack'])} seeds)"
+                self.trained += 1
+                if early_stopping and result.get("epoch", epochs - 1) < epochs - 1:
+                    text = (f"stopped early after epoch {result['epoch']} "
+                            f"(meta_acc {result['meta_acc']:.4f})")
+                else:
+                    text = f"test_acc {result['test_acc']:.4f}"
+                    if "pack" in trial.config["cell"]:
+                        text += f" (mean of its {len(trial.config['cell']['pack'])} seeds)"
             self._line(trials, trial, text)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self.failed += 1
+            self.trained += 1
             self._line(trials, trial, "FAILED (see `raymeta results failed`)", keep=True)
 
     return Progress()
@@ -160,19 +249,12 @@ def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig):
 
 
 def _last_checkpoint_state(trial, store, sweep, trial_id, resources) -> dict | None:
-    """The Trainer state in a trial's latest checkpoint: Tune's (one-worker trials) or Ray
+    """The Trainer state in a trial's latest checkpoint: its own (one-worker trials) or Ray
     Train's (multi-worker trials)."""
-    import torch
-
-    from raymeta.train.trainer import CHECKPOINT_FILE
-
     if resources.workers_per_trial == 1:
-        if trial.checkpoint is None:
-            return None
-        with trial.checkpoint.as_directory() as folder:
-            return torch.load(f"{folder}/{CHECKPOINT_FILE}", weights_only=False)
+        return TrialCheckpoint(store, sweep, trial.config["cell"]["trial_id"]).state()
     from raymeta.orchestrate.distributed import train_storage
-    from raymeta.results.store import filesystem, list_folder
+    from raymeta.results.store import list_folder
 
     fs, base = filesystem(store_join(train_storage(store, sweep), trial_id))
     infos = list_folder(fs, base)
@@ -180,7 +262,7 @@ def _last_checkpoint_state(trial, store, sweep, trial_id, resources) -> dict | N
     if not epochs:
         return None
     with fs.open_input_file(f"{epochs[-1]}/{CHECKPOINT_FILE}") as source:
-        return torch.load(io.BytesIO(source.read()), weights_only=False)
+        return load_state_bytes(source.read())
 
 
 def _trial_name(trial) -> str:
@@ -208,22 +290,85 @@ def max_concurrent(resources: ResourcesConfig) -> int | None:
     return min(limit, resources.max_concurrent_trials or limit)
 
 
+@dataclass
+class SweepRun:
+    failed: int
+    """failed cells (a failed pack of seeds counts each of its seeds)"""
+    interrupted: bool
+    """SIGINT or SIGTERM stopped the sweep before every trial ran"""
+
+
+def finished_digests(store: str, sweep: str) -> set[str]:
+    """Config digests of the sweep's runs that trained to their end (one listing of the
+    store, whatever the trial ids of the rows)."""
+    from raymeta.results import query
+
+    try:
+        trials = query.load(store, "trials", sweep)
+    except ConfigError:  # no rows yet
+        return set()
+    if "config_digest" not in trials.columns:
+        return set()
+    done = trials.filter(pl.col("status").is_in(list(FINISHED)))
+    return set(done["config_digest"].drop_nulls().to_list())
+
+
+@contextmanager
+def _graceful_stop():
+    """SIGINT and SIGTERM end the sweep cleanly: the first stops Tune's loop (through the
+    SIGUSR1 handler Tune installs; running trials are stopped, finished rows stay, the
+    experiment state is saved for --resume); a second one stops at once."""
+    stopped = {"signal": None}
+
+    def handler(signum, frame):
+        tune_stops = callable(signal.getsignal(signal.SIGUSR1))  # Tune's loop has started
+        if stopped["signal"] is not None or not tune_stops:
+            stopped["signal"] = signal.Signals(signum).name
+            raise KeyboardInterrupt
+        stopped["signal"] = signal.Signals(signum).name
+        print(f"\n{stopped['signal']}: stopping the sweep; finished trials keep their rows "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    main = threading.current_thread() is threading.main_thread()
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    for sig in saved:
+        signal.signal(sig, handler)
+    # Tune's own SIGINT handler would replace ours and print Tuner.restore(...) as the way to
+    # continue; `raymeta sweep FILE --resume` is
+    previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    tune_log = logging.getLogger("ray.tune.tune")
+    level = tune_log.level
+    tune_log.setLevel(logging.ERROR)
+    try:
+        yield stopped
+    finally:
+        tune_log.setLevel(level)
+        if previous is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
+        for sig, old in saved.items():
+            signal.signal(sig, old)
+
+
 def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
-              resume: bool = False, rerun: bool = False) -> int:
-    """Run the cells with Ray Tune; returns the number of failed cells. Cells whose completed
-    rows (with the same config) are already in the store are skipped unless `rerun`."""
+              resume: bool = False, rerun: bool = False) -> SweepRun:
+    """Run the cells with Ray Tune. Cells whose finished rows (with the same config) are
+    already in the store are skipped unless `rerun`."""
     import ray.tune
 
     store = resolve_store(spec.store)
     if not rerun and not resume:
-        todo = [c for c in cells
-                if completed_digest(store, spec.name, c.trial_id) != c.config.digest()]
+        done = finished_digests(store, spec.name)
+        todo = [c for c in cells if c.config.digest() not in done]
         if len(todo) < len(cells):
-            print(f"{len(cells) - len(todo)} of {len(cells)} trials already have completed rows "
+            print(f"{len(cells) - len(todo)} of {len(cells)} trials already have finished rows "
                   f"in {store}; skipping them (--rerun trains them again)", flush=True)
         cells = todo
         if not cells:
-            return 0
+            return SweepRun(0, False)
     storage_path = store_join(store, "tune")
     if not address:
         check_capacity(spec.resources, f"sweep '{spec.name}'")
@@ -235,7 +380,7 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
     trainable = ray.tune.with_resources(_tune_trial, resources)
     experiment = store_join(store, "tune", spec.name)
     trials = [_tune_cell(group) for group in pack_cells(cells, spec.resources.seeds_per_trial)]
-    callbacks = [_progress_callback(len(trials))]
+    callbacks = [_progress_callback(len(trials), spec.early_stopping.scheduler != "none")]
     scheduler = None
     stopping = spec.early_stopping
     if stopping.scheduler == "asha":
@@ -262,13 +407,13 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
                 max_concurrent_trials=max_concurrent(spec.resources), scheduler=scheduler,
                 reuse_actors=True,  # skips a process start and a torch import per trial
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            # no Tune checkpoints: each trial keeps its own at a stable path (TrialCheckpoint)
             run_config=ray.tune.RunConfig(
                 name=spec.name, storage_path=storage_path, verbose=0, callbacks=callbacks,
-                # two: a driver killed between a new checkpoint and its next state snapshot
-                # still finds the checkpoint that snapshot names (--resume)
-                checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=2),
                 failure_config=ray.tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
+    with _graceful_stop() as stopped:
+        grid = tuner.fit()
     # a failed pack of seeds is one Tune trial but a failed row per seed
-    return sum(len(result.config["cell"].get("pack", [None])) for result in grid if result.error)
+    failed = sum(len(result.config["cell"].get("pack", [None])) for result in grid if result.error)
+    return SweepRun(failed, stopped["signal"] is not None)
 

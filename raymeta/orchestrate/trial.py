@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
-import json
 import platform
 import socket
 import subprocess
@@ -18,6 +16,7 @@ from pathlib import Path
 from raymeta.config import ExperimentConfig
 from raymeta.results.store import write_trial
 from raymeta.train import Trainer
+from raymeta.train.health import collapse
 from raymeta.train.packed import PackedTrainer
 
 
@@ -44,17 +43,6 @@ def provenance() -> dict:
             "hostname": socket.gethostname()}
 
 
-def trial_id_for(cfg: ExperimentConfig, given: dict) -> str:
-    """Readable and stable: the hash covers what the user wrote (`given`: the sweep's base with
-    the cell's values), not defaults, so rerunning a sweep after raymeta gained a config field
-    replaces its rows instead of adding new ones beside them."""
-    noise = "clean" if cfg.noise.type == "none" else f"{cfg.noise.type}{cfg.noise.rate:g}"
-    method = cfg.method.name + ("-famus" if getattr(cfg.method, "famus", False) else "")
-    data = cfg.dataset.name + ("-pseudo" if cfg.meta_set.source == "pseudo" else "")
-    text = json.dumps(given, sort_keys=True, default=str)
-    return f"{method}_{data}_{noise}_s{cfg.seed}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
-
-
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat()
 
@@ -74,7 +62,12 @@ def write_failed(store: str, sweep: str, trial_id: str, row: dict, err: BaseExce
 
 
 def write_completed(store: str, sweep: str, trial_id: str, row: dict, result) -> dict:
-    row = {**row, "status": "completed", "error": "", **result.outcome, "finished_at": _now()}
+    """The row of a run that trained to its end: `completed`, or `collapsed` (with the epoch
+    and the reason) when it trained to nothing (`raymeta.train.health`)."""
+    status, error = "completed", ""
+    if (found := collapse(result.curves, result.outcome["num_classes"])) is not None:
+        status, error = "collapsed", f"collapsed at epoch {found[0]}: {found[1]}"
+    row = {**row, "status": status, "error": error, **result.outcome, "finished_at": _now()}
     write_trial(store, sweep, trial_id, row, result.curves)
     return row
 

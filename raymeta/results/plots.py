@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from raymeta.errors import ConfigError
-from raymeta.results.query import METRICS
+from raymeta.results.query import METRICS, is_fraction, unique_runs
 
 LABELS = {"final": "final test accuracy (%)", "peak": "peak test accuracy (%)",
           "best_meta": "test accuracy at best meta epoch (%)"}
@@ -35,16 +35,21 @@ def _completed(trials: pl.DataFrame) -> pl.DataFrame:
 def metric_against(trials: pl.DataFrame, key: str, out: str | Path, metric: str = "final",
                    panels: Sequence[str] = ("noise.type",), title: str = "") -> Path:
     """The metric (mean ± std over seeds) against `key`, one line per method, one panel per
-    value of `panels` (e.g. each noise type)."""
+    value of `panels` (e.g. each noise type); each experiment counts once."""
+    return _against(_completed(unique_runs(trials)), key, out, metric, panels, title)
+
+
+def _against(done: pl.DataFrame, key: str, out: str | Path, metric: str,
+             panels: Sequence[str], title: str = "") -> Path:
     column = METRICS.get(metric, metric)
-    done = _completed(trials)
     missing = [c for c in (key, column, "method", *panels) if c not in done.columns]
     if missing:
         raise ConfigError(f"unknown results column(s) {', '.join(missing)} for the plot")
     panels = [p for p in panels if p != key]
+    scale = 100.0 if is_fraction(column) else 1.0
     groups = (done.group_by(["method", *panels, key])
-              .agg((pl.col(column).mean() * 100).alias("mean"),
-                   (pl.col(column).std().fill_null(0.0) * 100).alias("std"))
+              .agg((pl.col(column).mean() * scale).alias("mean"),
+                   (pl.col(column).std().fill_null(0.0) * scale).alias("std"))
               .sort(key))
     panel_values = (groups.select(panels).unique().sort(panels).rows() if panels else [()])
     plt = _pyplot()
@@ -60,6 +65,21 @@ def metric_against(trials: pl.DataFrame, key: str, out: str | Path, metric: str 
         ax.grid(alpha=0.3)
     _finish(axes, len(panel_values), LABELS.get(metric, column))
     return _save(fig, out, plt)
+
+
+def against_noise_rate(trials: pl.DataFrame, out: str | Path, metric: str = "final") -> Path:
+    """The metric against the noise rate, one panel per noise type, each starting from the
+    clean runs at rate 0."""
+    trials = _completed(unique_runs(trials))
+    noisy = trials.filter(pl.col("noise.type") != "none")
+    if noisy.is_empty():
+        raise ConfigError("no noisy trials to plot against the noise rate (every trial is "
+                          "clean); plot an ablation over another key instead")
+    clean = trials.filter(pl.col("noise.type") == "none")
+    panels = [clean.with_columns(pl.lit(t).alias("noise.type"), pl.lit(0.0).alias("noise.rate"))
+              for t in noisy["noise.type"].unique().to_list()] if not clean.is_empty() else []
+    return _against(pl.concat([noisy, *panels], how="diagonal_relaxed"), "noise.rate", out,
+                    metric, panels=("noise.type",))
 
 
 def accuracy_curves(curves: pl.DataFrame, out: str | Path, metric: str = "test_acc") -> Path:

@@ -12,8 +12,8 @@ import polars as pl
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raymeta.errors import ConfigError
-from raymeta.results.store import filesystem, list_folder, write_parquet
+from raymeta.errors import ConfigError, did_you_mean
+from raymeta.results.store import FINISHED, filesystem, list_folder, write_parquet
 
 METRICS = {"final": "final_test_acc", "peak": "best_test_acc", "best_meta": "test_acc_at_best_meta"}
 """--metric shorthands: final epoch, peak over epochs, at the epoch of best meta-set accuracy"""
@@ -112,24 +112,73 @@ def _column_label(noise_type: str, rate: float) -> str:
 
 
 def _cell_text(c: dict) -> str:
-    count = f"{c['n']}, {c['failed']} failed" if c["failed"] else f"{c['n']}"
+    problems = "".join(f", {c[k]} {k}" for k in ("failed", "collapsed") if c[k])
+    count = f"{c['n']}{problems}"
     if c["mean"] is None:
         return f"- ({count})"
-    return f"{c['mean']:.2f} ± {c['std'] or 0.0:.2f} ({count})"
+    if c["percent"]:
+        return f"{c['mean']:.2f} ± {c['std'] or 0.0:.2f} ({count})"
+    return f"{c['mean']:.4g} ± {c['std'] or 0.0:.2g} ({count})"
 
 
-def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
-            columns: Sequence[str] = ("noise.type", "noise.rate"),
-            metric: str = "final", mark_best: bool = True) -> pl.DataFrame:
-    """Mean ± std (over seeds) of a metric, in percent: one row per `by`, one column per
-    noise setting. Cells read `mean ± std (n)` over completed trials, `(n, k failed)` when
-    trials of the cell failed; the best of each column is marked (bold in markdown and latex,
-    a trailing * in text and csv)."""
-    metric_col = METRICS.get(metric, metric)
-    missing = [c for c in [*by, *columns, metric_col] if c not in trials.columns]
+LOWER_IS_BETTER = ("seconds", "ms_per_step", "memory", "loss", "restarts")
+"""results columns whose smallest value is the best (costs and losses)"""
+
+
+def metric_column(trials: pl.DataFrame, metric: str) -> str:
+    """The results column of a --metric (a shorthand or a numeric column), or a clear error."""
+    column = METRICS.get(metric, metric)
+    if column in trials.columns:
+        return column
+    numeric = sorted(c for c, t in trials.schema.items() if t.is_numeric() and "." not in c)
+    raise ConfigError(f"unknown metric '{metric}'{did_you_mean(metric, [*METRICS, *numeric])}; "
+                      f"use {', '.join(METRICS)} or a numeric results column such as "
+                      f"{', '.join(c for c in numeric if c.endswith('_acc'))}, wall_seconds, "
+                      f"ms_per_step")
+
+
+def is_fraction(column: str) -> bool:
+    """Accuracies, precisions and recalls are shown in percent."""
+    return any(word in column for word in ("acc", "precision", "recall"))
+
+
+def lower_is_better(column: str) -> bool:
+    return any(word in column for word in LOWER_IS_BETTER)
+
+
+def unique_runs(trials: pl.DataFrame, quiet: bool = False) -> pl.DataFrame:
+    """One row per experiment: rows with the same config digest (which covers the seed) are
+    the same run, whichever sweep, command or pack of seeds wrote them; the newest finished
+    row is kept (else the newest row), and a note on stderr says how many were dropped."""
+    if "config_digest" not in trials.columns or trials["config_digest"].null_count() == len(trials):
+        return trials
+    unfinished = ~pl.col("status").is_in(list(FINISHED)) if "status" in trials.columns else pl.lit(False)
+    newest = pl.col("finished_at") if "finished_at" in trials.columns else pl.lit(None)
+    keyed = trials.with_columns(pl.col("config_digest").fill_null(pl.col("trial_id")).alias("_run"),
+                                unfinished.alias("_unfinished"), newest.alias("_newest"))
+    kept = (keyed.sort(["_unfinished", "_newest"], descending=[False, True], nulls_last=True)
+            .unique("_run", keep="first", maintain_order=True)
+            .drop("_run", "_unfinished", "_newest"))
+    if len(kept) < len(trials) and not quiet:
+        print(f"note: {len(trials) - len(kept)} row(s) repeat an experiment already counted "
+              f"(the same config digest, e.g. the same cell in two sweeps, or a run and a "
+              f"--seeds pack of it); each experiment counts once, with its newest finished row",
+              file=sys.stderr)
+    return kept
+
+
+def summary_cells(trials: pl.DataFrame, by: Sequence[str] = ("method",),
+                  columns: Sequence[str] = ("noise.type", "noise.rate"),
+                  metric: str = "final") -> pl.DataFrame:
+    """One row per cell (`by` x `columns`): mean and std over seeds of completed runs (in
+    percent for accuracies), and how many runs completed, failed and collapsed; `best` marks
+    the best mean of each setting (the largest, or the smallest for costs and losses)."""
+    metric_col = metric_column(trials, metric)
+    missing = [c for c in [*by, *columns] if c not in trials.columns]
     if missing:
         raise ConfigError(f"unknown results column(s): {', '.join(missing)}; available: "
                           f"{', '.join(sorted(trials.columns))}")
+    trials = unique_runs(trials)
     status = pl.col("status") if "status" in trials.columns else pl.lit("completed")
     ok = status == "completed"
     if not trials.select(ok.any()).item():
@@ -140,10 +189,12 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
     if not trials.select(ok.any()).item():
         raise ConfigError(f"no completed trial has a value of {metric_col}; it applies to some "
                           f"settings only (e.g. final_rare_third_acc to dataset.imbalance > 1)")
+    scale = 100.0 if is_fraction(metric_col) else 1.0
     cells = (trials.group_by([*by, *columns])
-             .agg((pl.col(metric_col).filter(ok).mean() * 100).alias("mean"),
-                  (pl.col(metric_col).filter(ok).std() * 100).alias("std"),
-                  ok.sum().alias("n"), (status == "failed").sum().alias("failed"))
+             .agg((pl.col(metric_col).filter(ok).mean() * scale).alias("mean"),
+                  (pl.col(metric_col).filter(ok).std() * scale).alias("std"),
+                  ok.sum().alias("n"), (status == "failed").sum().alias("failed"),
+                  (status == "collapsed").sum().alias("collapsed"))
              .sort([*columns, *by]))
     if columns and columns[0] == "noise.type":  # the clean column first, as in the papers
         cells = cells.sort(pl.col("noise.type") != "none", maintain_order=True)
@@ -151,11 +202,26 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
         lambda s: _column_label(*(s[c] for c in columns)) if len(columns) == 2 and
         columns[0] == "noise.type" else " ".join(str(s[c]) for c in columns),
         return_dtype=pl.String).alias("setting"))
-    text = pl.struct("mean", "std", "n", "failed").map_elements(_cell_text, return_dtype=pl.String)
-    cells = cells.with_columns(label, text.alias("cell"))
+    best = pl.col("mean").min() if lower_is_better(metric_col) else pl.col("mean").max()
+    return cells.with_columns(label, (pl.col("mean") == best.over(label)).fill_null(False)
+                              .alias("best"), pl.lit(metric_col).alias("metric"))
+
+
+def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
+            columns: Sequence[str] = ("noise.type", "noise.rate"),
+            metric: str = "final", mark_best: bool = True) -> pl.DataFrame:
+    """Mean ± std (over seeds) of a metric, in percent for accuracies: one row per `by`, one
+    column per noise setting. Cells read `mean ± std (n)` over completed runs, with `k failed`
+    and `k collapsed` when runs of the cell did not complete; each experiment counts once
+    (`unique_runs`); the best of each column is marked (bold in markdown and latex, a
+    trailing * in text and csv)."""
+    cells = summary_cells(trials, by, columns, metric)
+    percent = is_fraction(cells["metric"][0])
+    text = (pl.struct("mean", "std", "n", "failed", "collapsed")
+            .map_elements(lambda c: _cell_text({**c, "percent": percent}), return_dtype=pl.String))
+    cells = cells.with_columns(text.alias("cell"))
     if mark_best:  # the best mean of each column, as papers set it in bold
-        best = pl.col("mean") == pl.col("mean").max().over("setting")
-        cells = cells.with_columns(pl.when(best).then(BEST[0] + pl.col("cell") + BEST[1])
+        cells = cells.with_columns(pl.when("best").then(BEST[0] + pl.col("cell") + BEST[1])
                                    .otherwise(pl.col("cell")).alias("cell"))
     order = cells["setting"].unique(maintain_order=True).to_list()
     table = (cells
@@ -165,6 +231,20 @@ def summary(trials: pl.DataFrame, by: Sequence[str] = ("method",),
         if key in by:  # the baseline first, as in the papers
             table = table.sort(pl.col(key) != "ce", maintain_order=True)
     return table.select([*by, *order])
+
+
+def footnotes(trials: pl.DataFrame) -> list[str]:
+    """What a table leaves out, for the lines under it: runs that did not complete."""
+    if "status" not in trials.columns:
+        return []
+    counts = dict(unique_runs(trials, quiet=True).group_by("status").len().iter_rows())
+    notes = []
+    for status, why in (("failed", "failed"), ("collapsed", "collapsed (trained to chance)"),
+                        ("stopped", "stopped early")):
+        if counts.get(status):
+            notes.append(f"{counts[status]} run(s) {why}, left out of the means: "
+                         f"raymeta results failed")
+    return notes
 
 
 BEST = ("**", "**")
@@ -213,6 +293,13 @@ def curves(store: str, *, sweep: str | None = None, trial_ids: Sequence[str] | N
     trials grouped `by` results columns (e.g. method; mean and std per epoch)."""
     rows = load(store, "curves", sweep).lazy()
     if trial_ids:
+        known = rows.select(pl.col("trial_id").unique()).collect()["trial_id"].to_list()
+        unknown = [t for t in trial_ids if t not in known]
+        if unknown:
+            where = f"sweep '{sweep}'" if sweep else f"store {store}"
+            raise ConfigError(f"no curves of trial(s) {', '.join(unknown)} in {where}"
+                              f"{did_you_mean(unknown[0], known)}; its {len(known)} trial ids "
+                              f"include {', '.join(sorted(known)[:5])}")
         rows = rows.filter(pl.col("trial_id").is_in(list(trial_ids)))
     missing = [m for m in metrics if m not in rows.collect_schema().names()]
     if missing:
@@ -251,7 +338,7 @@ def render(table: pl.DataFrame, fmt: str = "text") -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
              "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]

@@ -21,6 +21,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 TABLES = ("trials", "curves")
+FINISHED = ("completed", "collapsed")
+"""statuses of a run that trained to its end: a sweep does not train it again"""
 
 
 def resolve_store(store: str | os.PathLike) -> str:
@@ -66,11 +68,21 @@ def table_dir(store: str, table: str, sweep: str) -> str:
     return f"{base.rstrip('/')}/{table}/sweep={sweep}"
 
 
-def _scalar(value: Any) -> Any:
-    """Lists and dicts become JSON text, so every trial file has a flat, stable schema."""
+def _scalar(value: Any, lists: bool = False) -> Any:
+    """Dicts (and, unless `lists`, lists) become JSON text, so every trial file has a flat,
+    stable schema; with `lists`, lists of numbers stay Parquet lists (curves: MLC's T, the
+    per-class accuracies), so they can be read without parsing."""
+    if lists and isinstance(value, (list, tuple)) and _numeric_list(value):
+        return list(value)
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, sort_keys=True)
     return value
+
+
+def _numeric_list(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(_numeric_list(v) for v in value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write_parquet(fs: pafs.FileSystem, path: str, data: pa.Table) -> None:
@@ -95,7 +107,8 @@ def write_rows(store: str, table: str, sweep: str, trial_id: str, rows: list[dic
     """Write the rows of one trial for one table; replaces a previous file of that trial."""
     fs, _ = filesystem(store)
     final = f"{table_dir(store, table, sweep)}/{trial_id}.parquet"
-    write_parquet(fs, final, pa.Table.from_pylist([{k: _scalar(v) for k, v in row.items()}
+    lists = table == "curves"
+    write_parquet(fs, final, pa.Table.from_pylist([{k: _scalar(v, lists) for k, v in row.items()}
                                                    for row in rows]))
     return final
 
@@ -109,11 +122,12 @@ def write_trial(store: str, sweep: str, trial_id: str, row: dict, curves: list[d
 
 
 def completed_digest(store: str, sweep: str, trial_id: str) -> str | None:
-    """The config digest of a trial's completed row, or None (no row, failed, unreadable)."""
+    """The config digest of a trial's finished row (completed or collapsed), or None (no row,
+    failed, unreadable)."""
     fs, _ = filesystem(store)
     path = f"{table_dir(store, 'trials', sweep)}/{trial_id}.parquet"
     try:
         row = pq.read_table(path, filesystem=fs, columns=["status", "config_digest"]).to_pylist()
     except (OSError, ValueError, KeyError, pa.ArrowInvalid):
         return None
-    return row[0]["config_digest"] if row and row[0]["status"] == "completed" else None
+    return row[0]["config_digest"] if row and row[0]["status"] in FINISHED else None

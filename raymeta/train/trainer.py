@@ -41,6 +41,7 @@ from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
 from raymeta.parallel import all_reduce_sum_, rank_world, synchronize_batchnorm
+from raymeta.safeload import safe_load
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -89,7 +90,12 @@ def check_checkpoint(path: str | Path, digest: str) -> None:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     # memory-mapped: only the digest is read here, the tensors when the Trainer loads them
-    _check_digest(torch.load(path, map_location="cpu", weights_only=False, mmap=True), path, digest)
+    _check_digest(safe_load(str(path), mmap=True), path, digest)
+
+
+def load_state_bytes(data: bytes) -> dict:
+    """A Trainer state from a checkpoint's bytes (e.g. read from an object store)."""
+    return safe_load(data)
 
 
 OPTIONAL_FINALS = {"test_acc_rare_third": "final_rare_third_acc",
@@ -419,7 +425,7 @@ class Trainer:
         path = Path(path)
         if path.is_dir():
             path = path / CHECKPOINT_FILE
-        self.load_state(torch.load(path, map_location=self.device, weights_only=False), path)
+        self.load_state(safe_load(str(path), map_location=self.device), path)
 
     def load_state(self, state: dict, path: Path) -> None:
         """Continue from a state_dict() read from the checkpoint at `path`."""

@@ -1,0 +1,37 @@
+"""Reading .pt files without running code: a checkpoint or label file from a shared store or
+a download is untrusted input, and torch.load with weights_only=False unpickles arbitrary
+objects (a file can run any code when it is read). Here only tensors, plain containers and
+numbers load (and numpy arrays where asked); anything else is refused with the reason."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+from raymeta.errors import DataError
+
+
+def _numpy_globals() -> list:
+    import numpy as np
+
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype,
+            *(getattr(np.dtypes, name) for name in np.dtypes.__all__)]
+
+
+def safe_load(source, *, map_location="cpu", mmap: bool = False, numpy: bool = False):
+    """torch.load(weights_only=True) of a path or bytes; DataError if the file holds code or
+    objects other than tensors and plain data."""
+    import torch
+
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    allowed = _numpy_globals() if numpy else []
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        name = source if isinstance(source, str) else "the file"
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"refused to load {name}: it holds objects other than tensors and "
+                        f"plain data, which could run code when read ({first}); use files "
+                        f"written by raymeta or torch.save of tensors") from None

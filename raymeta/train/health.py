@@ -1,0 +1,49 @@
+"""Collapse detection: a trial that trained to nothing must not look like a result.
+
+A model whose outputs no longer depend on its input predicts the same distribution for every
+sample; with roughly balanced classes its training loss is ln K and its test accuracy is
+chance. Such a trial ends without a NaN, so nothing else catches it (L2R with FaMUS on MNIST
+reached loss 3.35 at epoch 9, then sat at ln 10 with 10% accuracy and ended `completed`).
+"""
+
+from __future__ import annotations
+
+import math
+
+LOSS_TOLERANCE = 0.01
+"""the training loss is "at ln K" within this fraction of ln K"""
+STUCK_EPOCHS = 3
+"""the last this many epochs must all sit at ln K (a run needs at least this many epochs)"""
+CHANCE_MARGIN = 0.1
+"""test accuracy is "at chance" up to 1/K + this share of (1 - 1/K)"""
+LEARNED_MARGIN = 0.5
+"""and "well above chance" from 1/K + this share of (1 - 1/K)"""
+
+
+def collapse(curves: list[dict], num_classes: int) -> tuple[int, str] | None:
+    """(first epoch of the collapse, why) if the run collapsed, else None.
+
+    Collapsed: the training loss of each of the last STUCK_EPOCHS epochs is within 1% of ln K
+    and the final test accuracy is at chance, or the final test accuracy is at chance after an
+    earlier epoch was well above it. (The loss alone is not enough: at 80% label noise a
+    model that learned has a training loss only 2-6% below ln K.)"""
+    k = num_classes
+    if k < 2 or not curves:
+        return None
+    ln_k, chance = math.log(k), 1.0 / k
+    accs = [c.get("test_acc", math.nan) for c in curves]
+    at_chance = [a <= chance + CHANCE_MARGIN * (1 - chance) for a in accs]
+    losses = [c.get("train_loss", math.nan) for c in curves]
+    stuck = [abs(loss - ln_k) <= LOSS_TOLERANCE * ln_k for loss in losses]
+    if len(curves) >= STUCK_EPOCHS and all(stuck[-STUCK_EPOCHS:]) and at_chance[-1]:
+        start = len(stuck) - next((i for i, s in enumerate(reversed(stuck)) if not s), len(stuck))
+        return start, (f"training loss stuck at ln K = {ln_k:.4f} (within {LOSS_TOLERANCE:.0%}) "
+                       f"from epoch {start} to the end; the model predicts the same for every "
+                       f"input")
+    if at_chance[-1]:
+        start = len(accs) - next((i for i, a in enumerate(reversed(at_chance)) if not a), len(accs))
+        peak = max(accs[:start], default=math.nan)
+        if peak >= chance + LEARNED_MARGIN * (1 - chance):
+            return start, (f"test accuracy fell to chance ({accs[-1]:.4f}, K = {k}) from epoch "
+                           f"{start} on, after {peak:.4f} before")
+    return None
