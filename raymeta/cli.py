@@ -54,14 +54,15 @@ def cli() -> None:
 @click.option("--seeds", default=None, metavar="S,S,...",
               help="train once per seed, all packed into one model in this process (every "
                    "method but mlnt); one results row per seed")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads of this process [default: the CPUs it may use "
+                   "(OMP_NUM_THREADS, else its affinity) less those busy with other work]")
 def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: str | None,
         resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
-        address: str | None, seeds: str | None) -> None:
+        address: str | None, seeds: str | None, threads: int | None) -> None:
     """Train one experiment: in this process (no Ray), or on --workers Ray Train workers."""
     from raymeta.config import ResourcesConfig, parse_experiment, set_dotted
     from raymeta.orchestrate.grid import absolutize, read_yaml
-    from raymeta.orchestrate.preflight import preflight
-    from raymeta.orchestrate.trial import run_trial
 
     data = read_yaml(config) or {}
     if not isinstance(data, dict):
@@ -71,6 +72,15 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
     data = absolutize(data, Path(config).resolve().parent)
     cfg = parse_experiment(data, where=config)
     trial_id = cfg.trial_id()
+    # torch and Ray load only once the config is known to be good: a refusal is instant
+    if workers == 1:  # Ray sets the threads of its workers
+        from raymeta.threads import use_threads
+
+        count, why = use_threads(threads)
+        click.echo(f"{count} CPU thread(s) ({why}; --threads N to choose)")
+    from raymeta.orchestrate.preflight import preflight
+    from raymeta.orchestrate.trial import run_trial
+
     if seeds is not None:
         if workers > 1:
             raise ConfigError("--seeds packs seeds into this one process; it does not combine "

@@ -199,3 +199,18 @@ def test_sweep_into_s3_and_summary_from_it(tmp_path, s3_server):
     # each trial's checkpoint at a path of its own, beside its rows
     assert len([n for n in names if n.startswith("/checkpoints/sweep=s3mini/")
                 and n.endswith("/checkpoint.pt")]) == 2
+
+
+@pytest.mark.parametrize("command,content", [
+    ("sweep", "name: q\nbase: {method: {name: mwn}}\ngrid: {seed: [0]}\n"),
+    ("run", "method: {name: mwn}\n")])
+def test_a_bad_config_is_refused_before_torch_or_ray_load(tmp_path, command, content):
+    """The refusal is instant: neither torch (2 s to import) nor Ray is loaded to check a config."""
+    (tmp_path / "bad.yaml").write_text(content)
+    probe = ("import sys\nfrom raymeta import cli\nsys.argv = ['raymeta', %r, 'bad.yaml']\n"
+             "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+             "print(code, [m for m in ('torch', 'ray', 'polars') if m in sys.modules])" % command)
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.split()[0] == "2" and "did you mean 'mwnet'" in proc.stderr
+    assert proc.stdout.strip().endswith("[]"), proc.stdout

@@ -147,10 +147,13 @@ def test_two_workers_equal_one_worker_with_the_global_batch(ray_session, tmp_pat
 
 
 def _worker_pids() -> list[int]:
+    import ray
     from ray.util.state import list_actors
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                ("state", "=", "ALIVE")])]
+    # the address of the Ray this session started: another Ray may run on the machine
+    address = ray.get_runtime_context().gcs_address
+    return [a.pid for a in list_actors(address=address, filters=[
+        ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
 @pytest.mark.ray

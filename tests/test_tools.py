@@ -49,3 +49,18 @@ def test_bench_times_packed_seeds_against_one():
     assert [(r[0], r[1]) for r in rows[1:]] == [("ce", "1"), ("ce", "2"), ("mwnet", "1"), ("mwnet", "2")]
     assert [r[4] for r in rows[1:]][::2] == ["1.00", "1.00"]  # each method against its one seed
     assert all(float(r[3].replace(",", "")) > 0 for r in rows[1:])
+
+
+def test_gpu_check_runs_every_section_on_a_cpu(tmp_path):
+    """The GPU machine is lent for minutes: its one command must not rot between loans."""
+    out = tmp_path / "report.md"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu",
+                           "--quick", "--out", str(out)], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = out.read_text()
+    for title in ("every method, full and FaMUS: cnn8", "bf16, channels_last", "packed seeds",
+                  "one epoch of ce: preact_resnet18", "the Trainer against a bare PyTorch loop"):
+        assert title in report, title
+    assert "| mlc+famus |" in report and "| raymeta Trainer.train_epoch |" in report
+    assert "0 section(s) failed" in report

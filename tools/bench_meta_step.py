@@ -38,6 +38,7 @@ from raymeta.methods.optim import build_optimizer
 from raymeta.methods.packed import PackedMethod
 from raymeta.models import build_model
 from raymeta.models.packed import PackedModel
+from raymeta.threads import use_threads
 
 
 def make_variant(name: str, famus: bool, args) -> dict:
@@ -215,7 +216,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant and repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--format", choices=["text", "markdown"], default="text")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads [default: as raymeta run chooses them]")
     args = parser.parse_args()
+    use_threads(args.threads)
     args.meta_batch = args.meta_batch or args.batch
     if args.epoch:
         print(time_epoch(args))

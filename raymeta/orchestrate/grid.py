@@ -16,7 +16,6 @@ import yaml
 from raymeta.config import (ExperimentConfig, SweepSpec, get_dotted, parse_experiment,
                             parse_sweep, set_dotted)
 from raymeta.errors import ConfigError
-from raymeta.methods.packed import packing_problem
 
 PATH_KEYS = ("dataset.root", "noise.file", "noise.probs_file", "model.options.weights_path")
 """config values that are file paths: made absolute, because trials run in other folders"""
@@ -103,7 +102,7 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         if digest in seen:  # two grid cells that are the same experiment run once
             continue
         seen.add(digest)
-        if spec.resources.seeds_per_trial > 1 and (problem := packing_problem(cfg)):
+        if spec.resources.seeds_per_trial > 1 and (problem := _packing_problem(cfg)):
             errors.append((problem, ""))  # the same for every seed: listed once
             continue
         cells.append(Cell(cfg.trial_id(), cfg, overrides))
@@ -121,6 +120,12 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
     if not cells:
         raise ConfigError(f"sweep '{spec.name}' has no cells to run (every cell is excluded)")
     return cells
+
+
+def _packing_problem(cfg: ExperimentConfig) -> str | None:
+    from raymeta.methods.packed import packing_problem  # imports torch: only when packing
+
+    return packing_problem(cfg)
 
 
 CELL = "\0cell"

@@ -1,0 +1,18 @@
+"""The CPU threads of a run outside Ray (Ray sets its trials' own)."""
+
+import os
+
+from raymeta.threads import choose_threads, cpu_budget
+
+
+def test_threads_follow_what_the_run_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpus = len(os.sched_getaffinity(0))
+    assert cpu_budget() == cpus and cpu_budget(cap=1) == 1
+    assert choose_threads(requested=3) == (3, "--threads")
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert choose_threads()[0] == cpus  # an idle machine: every CPU the run may use
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count()), 0.0, 0.0))
+    assert choose_threads()[0] == 1  # every core busy elsewhere: one thread, not a spin fight
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert choose_threads() == (2, "OMP_NUM_THREADS") and choose_threads(cap=1)[0] == 1
