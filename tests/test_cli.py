@@ -70,6 +70,9 @@ def test_run_then_summary(tmp_path):
     no_trial = raymeta("results", "curves", "--trial", "xyz", "--sweep", "runs", cwd=tmp_path,
                        check=False)
     assert no_trial.returncode == 2 and "no curves of trial(s) xyz in sweep 'runs'" in no_trial.stderr
+    plotted = raymeta("results", "plot", "curves", "--sweep", "runs", "--metric", "meta_acc",
+                      cwd=tmp_path)
+    assert "wrote plots/runs-curves-meta_acc.png" in plotted.stdout  # not the test_acc file
     costs = raymeta("results", "summary", "--sweep", "runs", "--metric", "wall_seconds", cwd=tmp_path)
     seconds = float(costs.stdout.splitlines()[2].split()[1])
     assert 0 < seconds < 300  # seconds, not a percentage

@@ -190,6 +190,10 @@ def test_plots_are_written(tmp_path):
             assert image.format == "PNG" and image.size[0] > 300 and image.size[1] > 200
     with pytest.raises(ConfigError, match="unknown results column"):
         plots.metric_against(noisy, "meta_set.per_class", tmp_path / "x.png")
+    # accuracy against the noise rate: each noise type's line starts at the clean runs
+    points = plots.clean_at_rate_zero(trials).group_by("noise.type", "noise.rate").len().sort("noise.rate")
+    assert points.rows() == [("uniform", 0.0, 2), ("uniform", 0.4, 5)]
+    assert plots.against_noise_rate(trials, tmp_path / "n.png").exists()
 
 
 def _write_one(args):

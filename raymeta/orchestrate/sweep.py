@@ -137,7 +137,7 @@ class TrialCheckpoint:
 
     def push(self) -> None:
         """After the Trainer saved an epoch: upload it (object stores)."""
-        if self.scratch is not None:
+        if self.scratch is not None and os.path.exists(f"{self.scratch}/{CHECKPOINT_FILE}"):
             pafs.copy_files(f"{self.scratch}/{CHECKPOINT_FILE}", self.file,
                             source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
 

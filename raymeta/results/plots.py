@@ -70,16 +70,21 @@ def _against(done: pl.DataFrame, key: str, out: str | Path, metric: str,
 def against_noise_rate(trials: pl.DataFrame, out: str | Path, metric: str = "final") -> Path:
     """The metric against the noise rate, one panel per noise type, each starting from the
     clean runs at rate 0."""
-    trials = _completed(unique_runs(trials))
+    return _against(clean_at_rate_zero(_completed(unique_runs(trials))), "noise.rate", out,
+                    metric, panels=("noise.type",))
+
+
+def clean_at_rate_zero(trials: pl.DataFrame) -> pl.DataFrame:
+    """The noisy trials, and the clean ones once per noise type at rate 0 (each noise type's
+    curve starts where no label is wrong)."""
     noisy = trials.filter(pl.col("noise.type") != "none")
     if noisy.is_empty():
         raise ConfigError("no noisy trials to plot against the noise rate (every trial is "
                           "clean); plot an ablation over another key instead")
     clean = trials.filter(pl.col("noise.type") == "none")
-    panels = [clean.with_columns(pl.lit(t).alias("noise.type"), pl.lit(0.0).alias("noise.rate"))
-              for t in noisy["noise.type"].unique().to_list()] if not clean.is_empty() else []
-    return _against(pl.concat([noisy, *panels], how="diagonal_relaxed"), "noise.rate", out,
-                    metric, panels=("noise.type",))
+    starts = [clean.with_columns(pl.lit(t).alias("noise.type"), pl.lit(0.0).alias("noise.rate"))
+              for t in sorted(noisy["noise.type"].unique().to_list())]
+    return pl.concat([noisy, *starts], how="diagonal_relaxed")
 
 
 def accuracy_curves(curves: pl.DataFrame, out: str | Path, metric: str = "test_acc") -> Path:

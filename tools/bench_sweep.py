@@ -1,0 +1,130 @@
+"""The sweep driver at scale: N trials that each train for well under a second, through
+`raymeta sweep` (run_sweep: our progress, store, checkpoints) and through a bare Ray Tune
+Tuner running the same training with the same resources, in the same run.
+
+    python tools/bench_sweep.py --trials 1000            # --trials 10000 for the full check
+    python tools/bench_sweep.py --trials 60 --quick      # CI-sized
+
+Prints, for each: trials per minute; the mean gap between consecutive trial finishes per
+block of trials (flat = the driver's cost per trial does not grow); slot occupancy (the share
+of the time, while trials were pending, that every slot was busy); and the overhead per trial
+of raymeta's driver over Tune's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+EXPERIMENT = {"dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [64]}},
+              "train": {"epochs": 2, "batch_size": 128, "checkpoint": False},
+              "meta_set": {"per_class": 5}}
+
+
+def bare_trainable(config: dict) -> None:
+    """What a hand-written Tune script would run: train, report each epoch."""
+    import ray.tune
+
+    from raymeta.config import ExperimentConfig
+    from raymeta.train import Trainer
+
+    started = time.time()
+    cfg = ExperimentConfig.model_validate({**EXPERIMENT, "seed": config["seed"]})
+    last = {}
+
+    def report(metrics, trainer):
+        last.update(metrics)
+        ray.tune.report({"test_acc": metrics["test_acc"], "started": started, "finished": time.time()})
+
+    Trainer(cfg, on_epoch_end=report).fit()
+
+
+def run_bare(trials: int, slots: int, storage: str) -> list[tuple[float, float]]:
+    import ray.tune
+
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(bare_trainable, {"cpu": 1}),
+        param_space={"seed": ray.tune.grid_search(list(range(trials)))},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=slots, reuse_actors=True),
+        run_config=ray.tune.RunConfig(name="bare", storage_path=storage, verbose=0))
+    grid = tuner.fit()
+    return [(r.metrics["started"], r.metrics["finished"]) for r in grid]
+
+
+def run_raymeta(trials: int, slots: int, store: str) -> list[tuple[float, float]]:
+    from raymeta.config import parse_sweep
+    from raymeta.orchestrate.grid import expand
+    from raymeta.orchestrate.sweep import run_sweep
+    from raymeta.results import query
+
+    spec = parse_sweep({"name": "bench", "store": store, "base": EXPERIMENT,
+                        "grid": {"seed": list(range(trials))},
+                        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": slots}})
+    run_sweep(spec, expand(spec))
+    rows = query.load(store, "trials", "bench")
+    stamp = lambda s: dt.datetime.fromisoformat(s).timestamp()  # noqa: E731
+    return [(stamp(a), stamp(b)) for a, b in zip(rows["started_at"], rows["finished_at"])]
+
+
+def describe(label: str, spans: list[tuple[float, float]], seconds: float, slots: int,
+             block: int) -> dict:
+    finishes = sorted(b for _, b in spans)
+    gaps = [b - a for a, b in zip(finishes, finishes[1:])]
+    blocks = [statistics.mean(gaps[i:i + block]) for i in range(0, len(gaps), block)]
+    # occupancy: the share of [first start, last start] during which all slots were busy
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    last_start = max(a for a, _ in spans)
+    busy, running, full = events[0][0], 0, 0.0
+    for t, step in events:
+        if running >= slots and busy < last_start:
+            full += min(t, last_start) - busy
+        running += step
+        busy = t
+    window = last_start - min(a for a, _ in spans)
+    return {"label": label, "trials": len(spans), "seconds": seconds,
+            "per_minute": 60 * len(spans) / seconds, "blocks": blocks,
+            "occupancy": full / window if window > 0 else 1.0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=1000)
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="smaller blocks, for CI sizes")
+    args = parser.parse_args()
+    block = max(1, args.trials // (5 if args.quick else 10))
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from raymeta.orchestrate.runtime import start_ray
+
+    start_ray(None)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, run in (("ray tune, bare", lambda: run_bare(args.trials, args.slots, f"{tmp}/tune")),
+                           ("raymeta sweep", lambda: run_raymeta(args.trials, args.slots, f"{tmp}/store"))):
+            tic = time.monotonic()
+            spans = run()
+            results.append(describe(label, spans, time.monotonic() - tic, args.slots, block))
+    ray.shutdown()
+    print(f"{args.trials} trials of 2 epochs of ce on digits (mlp [64]), {args.slots} slots of 1 CPU")
+    print("| driver | trials/min | s per trial | all slots busy | gap between finishes per "
+          f"block of {block} (s) |\n|---|---|---|---|---|")
+    for r in results:
+        gaps = " ".join(f"{g:.3f}" for g in r["blocks"])
+        print(f"| {r['label']} | {r['per_minute']:.0f} | {r['seconds'] / r['trials']:.3f} | "
+              f"{100 * r['occupancy']:.0f}% | {gaps} |")
+    bare, ours = results
+    print(f"\nraymeta's overhead per trial over Tune's own: "
+          f"{(ours['seconds'] - bare['seconds']) / args.trials:+.3f} s; last block / first "
+          f"block of gaps: bare {bare['blocks'][-1] / bare['blocks'][0]:.2f}, raymeta "
+          f"{ours['blocks'][-1] / ours['blocks'][0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
