@@ -55,8 +55,8 @@ def cli() -> None:
               help="train once per seed, all packed into one model in this process (every "
                    "method but mlnt); one results row per seed")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads of this process [default: the CPUs it may use "
-                   "(OMP_NUM_THREADS, else its affinity) less those busy with other work]")
+              help="torch CPU threads of this process [default: the CPUs it may use: "
+                   "OMP_NUM_THREADS, else its affinity mask]")
 def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: str | None,
         resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
         address: str | None, seeds: str | None, threads: int | None) -> None:

@@ -4,8 +4,8 @@ config as a one-trial sweep (Ray gives a trial cpus_per_trial threads), side by 
     python tools/bench_loaded.py            # MW-Net, MLP 256x256 on digits, 3 epochs
 
 Starts one busy process per core (pure Python loops, ended when the benchmark ends), then
-times, in turn: `raymeta run` as it chooses its threads, `raymeta run --threads <cores>`
-(torch's own default), and `raymeta sweep` of the same config. Prints ms per training step
+times, in turn: `raymeta run` with its default threads, `raymeta run --threads 1`, and
+`raymeta sweep` of the same config. Prints ms per training step
 from each results row and the ratios to the sweep trial.
 """
 
@@ -51,14 +51,14 @@ def main() -> None:
 
             sweep["base"] = yaml.safe_load(EXPERIMENT)
             (folder / "sweep.yaml").write_text(yaml.safe_dump(sweep))
-            raymeta("run", "exp.yaml", "--store", "out", "--sweep", "chosen", "--out", "a", cwd=folder)
-            raymeta("run", "exp.yaml", "--store", "out", "--sweep", "default", "--out", "b",
-                    "--threads", str(cores), cwd=folder)
+            raymeta("run", "exp.yaml", "--store", "out", "--sweep", "default", "--out", "a", cwd=folder)
+            raymeta("run", "exp.yaml", "--store", "out", "--sweep", "one", "--out", "b",
+                    "--threads", "1", cwd=folder)
             raymeta("sweep", "sweep.yaml", cwd=folder)
             trial = ms_per_step(folder / "out", "loaded")
-            rows = [("raymeta run (threads as it chooses them)", ms_per_step(folder / "out", "chosen")),
-                    (f"raymeta run --threads {cores} (torch's default)",
+            rows = [(f"raymeta run ({cores} threads, passive waits: the default)",
                      ms_per_step(folder / "out", "default")),
+                    ("raymeta run --threads 1", ms_per_step(folder / "out", "one")),
                     ("the same config as a sweep trial (cpus_per_trial 1)", trial)]
     finally:
         for proc in busy:

@@ -30,6 +30,11 @@ os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "10")
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
+TRIAL_ENV = {"env_vars": {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}
+"""what every trial process starts with: OpenMP threads that wait sleep instead of spinning,
+so a trial keeps its speed when other work shares its cores (raymeta.threads)"""
+
+
 def start_ray(address: str | None) -> None:
     """Join the cluster at `address`, or start a local Ray with this machine's resources."""
     import ray
@@ -37,11 +42,12 @@ def start_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=TRIAL_ENV)
         return
     # token authentication stays on (Ray's default); its notice that it is on is not repeated
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    ray.init(log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    ray.init(log_to_driver=False, configure_logging=True, logging_level="WARNING",
+             runtime_env=TRIAL_ENV)
 
 
 def capacity() -> tuple[dict[str, float], str]:

@@ -37,6 +37,7 @@ from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
 from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row
 from raymeta.results.store import (FINISHED, completed_digest, filesystem, resolve_store, store_join,
                                    write_trial)
+from raymeta.threads import use_threads
 from raymeta.train.packed import pack_digest
 from raymeta.train.trainer import CHECKPOINT_FILE, check_checkpoint, curve_outcome, load_state_bytes
 
@@ -73,6 +74,7 @@ def _tune_trial(config: dict) -> None:
                         driver_cpus=DRIVER_CPUS,
                         extra={"tune_trial_id": ray.tune.get_context().get_trial_id()})
         return
+    use_threads(cap=resources.cpus_per_trial)  # Ray's OMP_NUM_THREADS, less what is busy
     checkpoint = TrialCheckpoint(config["store"], config["sweep"], cell["trial_id"])
     digest = pack_digest(cfgs) if "pack" in cell else cfgs[0].digest()
 

@@ -396,6 +396,7 @@ class Trainer:
             "ms_per_step": 1000.0 * self.train_seconds / max(self.engine.steps, 1),
             "meta_step_share": self.meta_seconds / self.train_seconds if self.train_seconds else 0.0,
             "peak_memory_mb": peak_mb, "world_size": self.world, "restarts": self.restarts,
+            "cpu_threads": torch.get_num_threads(),
             "packed_seeds": 1,  # seeds trained together with this one (raymeta.train.packed)
             "device": str(self.device),
             "gpu_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "",
