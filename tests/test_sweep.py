@@ -127,7 +127,7 @@ def test_interrupted_sweep_says_so_and_resumes_each_trial_once(tmp_path):
                           text=True, timeout=400)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12 completed, 0 failed" in done.stdout and "[12/12 done" in done.stdout
-    assert "Traceback" not in done.stderr and "Could not fetch metrics" not in done.stderr
+    assert "Traceback" not in done.stderr and "Could not fetch metrics" not in done.stderr, done.stderr
     trials = query.load(str(tmp_path / "out"), "trials", "resumable")
     assert len(trials) == 12 and trials["trial_id"].n_unique() == 12
     assert (trials["status"] == "completed").all()

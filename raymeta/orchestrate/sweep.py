@@ -340,13 +340,18 @@ def _graceful_stop():
     # continue; `raymeta sweep FILE --resume` is
     previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    tune_log = logging.getLogger("ray.tune.tune")
-    level = tune_log.level
-    tune_log.setLevel(logging.ERROR)
+    # and after a driver was killed, Tune's result grid may miss a trial's result.json and
+    # warn; the rows in the store, not Tune's files, are a sweep's results
+    quieted = [logging.getLogger(name) for name in
+               ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
+    levels = [log.level for log in quieted]
+    for log in quieted:
+        log.setLevel(logging.ERROR)
     try:
         yield stopped
     finally:
-        tune_log.setLevel(level)
+        for log, level in zip(quieted, levels):
+            log.setLevel(level)
         if previous is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
