@@ -254,7 +254,7 @@ def _last_checkpoint_state(trial, store, sweep, trial_id, resources) -> dict | N
     """The Trainer state in a trial's latest checkpoint: its own (one-worker trials) or Ray
     Train's (multi-worker trials)."""
     if resources.workers_per_trial == 1:
-        return TrialCheckpoint(store, sweep, trial.config["cell"]["trial_id"]).state()
+        return TrialCheckpoint(store, sweep, trial_id).state()
     from raymeta.orchestrate.distributed import train_storage
     from raymeta.results.store import list_folder
 
