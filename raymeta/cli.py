@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import yaml
 
-from raymeta.errors import ConfigError, RaymetaError
+from raymeta.errors import ConfigError, RaymetaError, StorageError
 
 
 def _overrides(pairs: tuple[str, ...]) -> dict:
@@ -61,9 +61,10 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
         address: str | None, seeds: str | None, threads: int | None) -> None:
     """Train one experiment: in this process (no Ray), or on --workers Ray Train workers."""
-    from raymeta.config import ResourcesConfig, parse_experiment, set_dotted
+    from raymeta.config import ResourcesConfig, check_sweep_name, parse_experiment, set_dotted
     from raymeta.orchestrate.grid import absolutize, read_yaml
 
+    check_sweep_name(sweep_name, "--sweep")
     data = read_yaml(config) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{config}: expected a mapping of config sections (dataset, noise, ...)")
@@ -107,7 +108,7 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         row = run_trial(cfg, store=store, sweep=sweep_name, trial_id=trial_id,
                         on_epoch_end=progress, checkpoint_dir=folder, resume_from=resume_from)
     click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
-               f"{row['best_test_acc']:.4f}; rows written to {store} (sweep '{sweep_name}')")
+               f"{row['best_test_acc']:.4f}; rows written to {_shown(store)} (sweep '{sweep_name}')")
 
 
 def _resume_from(folder: Path, resume: bool, digest: str) -> Path | None:
@@ -180,7 +181,7 @@ def _run_packed(cfg, seeds: list[int], store: str, sweep_name: str,
     for trial_id, row in zip(trial_ids, rows):
         click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
                    f"{row['best_test_acc']:.4f}")
-    click.echo(f"rows written to {store} (sweep '{sweep_name}')")
+    click.echo(f"rows written to {_shown(store)} (sweep '{sweep_name}')")
 
 
 def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, resources,
@@ -194,10 +195,18 @@ def _run_distributed(cfg, trial_id: str, store: str, sweep_name: str, resources,
     workers = resources.workers_per_trial
     start_ray(address)  # what a local Ray can hold was checked by preflight
     click.echo(f"{trial_id}: {workers} workers, checkpoints in "
-               f"{train_storage(store, sweep_name)}/{trial_id}")
+               f"{_shown(train_storage(store, sweep_name))}/{trial_id}")
     outcome = fit_distributed(cfg, resources, store=store, sweep=sweep_name, trial_id=trial_id)
     click.echo(f"{trial_id}: final test acc {outcome['final_test_acc']:.4f} on "
-               f"{outcome['world_size']} workers; rows written to {store} (sweep '{sweep_name}')")
+               f"{outcome['world_size']} workers; rows written to {_shown(store)} "
+               f"(sweep '{sweep_name}')")
+
+
+def _shown(store: str) -> str:
+    """The store as printed: without the credentials a URI may carry."""
+    from raymeta.results.store import display_store
+
+    return display_store(store)
 
 
 def _flatten_sets(data: dict) -> dict:
@@ -229,23 +238,28 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
         from raymeta.orchestrate.grid import pack_cells
 
         packing = f", packed into {len(pack_cells(cells, k))} processes of up to {k} seeds"
-    click.echo(f"sweep '{spec.name}': {len(cells)} trials{packing} -> {spec.store}")
+    click.echo(f"sweep '{spec.name}': {len(cells)} trials{packing} -> {_shown(spec.store)}")
     if dry_run:
         for cell in cells:
             click.echo(f"  {cell.trial_id}  {cell.overrides}")
         return
     import polars as pl
 
+    from raymeta.orchestrate.owner import check_owner
     from raymeta.orchestrate.preflight import preflight
     from raymeta.orchestrate.sweep import run_sweep
     from raymeta.results import query
     from raymeta.results.store import resolve_store
 
+    check_owner(spec, sweep_file)  # before Ray starts: another driver may hold this sweep
     preflight([c.config for c in cells], spec.store, spec.resources, address, f"sweep '{spec.name}'")
     started = time.monotonic()
+    storage_error, unwritten = None, set()
     try:
-        outcome = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
+        outcome = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun,
+                            source=sweep_file)
         interrupted = outcome.interrupted
+        storage_error, unwritten = outcome.storage_error, {u[1] for u in outcome.unwritten}
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
         interrupted = True
     seconds = time.monotonic() - started
@@ -260,12 +274,20 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
     for cell in cells:
         if (found := status.get(cell.config.digest())) in counts:
             counts[found] += 1
+        elif cell.trial_id in unwritten:  # failed, its row refused by the store (listed above)
+            counts["failed"] += 1
     ran = sum(counts.values())
     told = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("completed", "failed"))
-    if interrupted or ran < len(cells):
+    again = f"raymeta sweep {sweep_file} --resume{'' if store is None else ' --store ' + _shown(store)}"
+    if storage_error:
+        click.echo(f"error: the sweep stopped after {seconds:.0f}s: the results store "
+                   f"{_shown(resolve_store(spec.store))} refuses writes ({storage_error}); "
+                   f"{ran} of {len(cells)} trials ran ({told}), {len(cells) - ran} not started; "
+                   f"free space (or fix the store's permissions or quota), then continue with: "
+                   f"{again}", err=True)
+    elif interrupted or ran < len(cells):
         click.echo(f"interrupted after {seconds:.0f}s: {counts['completed']} of {len(cells)} "
-                   f"trials completed ({told}); continue with: raymeta sweep {sweep_file} "
-                   f"--resume{'' if store is None else ' --store ' + store}", err=True)
+                   f"trials completed ({told}); continue with: {again}", err=True)
     else:
         click.echo(f"sweep '{spec.name}' finished in {seconds:.0f}s ({told})")
     if trials is not None:
@@ -275,6 +297,8 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
             click.echo(f"partial results: {ran} of {len(cells)} trials")
         click.echo(query.render(query.summary(trials)))
         _footnotes(trials, "text")
+    if storage_error:
+        sys.exit(1)
     if interrupted or ran < len(cells):
         sys.exit(130)
     if counts["failed"]:
@@ -460,14 +484,25 @@ def failed(sweep_name: str | None, store: str) -> None:
     import polars as pl
 
     from raymeta.results import query
+    from raymeta.results.store import unwritten_rows
 
-    trials = query.unique_runs(query.load(store, "trials", sweep_name))
-    bad = trials.filter(pl.col("status") != "completed")
-    if bad.is_empty():
+    # failed trials whose row the store refused, from this machine's record (store.record_unwritten)
+    lost = [e for e in unwritten_rows(store) if sweep_name in (None, e["sweep"])]
+    try:
+        trials = query.unique_runs(query.load(store, "trials", sweep_name))
+    except ConfigError:
+        if not lost:
+            raise
+        trials = None
+    bad = trials.filter(pl.col("status") != "completed") if trials is not None else None
+    if not lost and bad.is_empty():
         click.echo(f"no failed or collapsed trials among {len(trials)}")
         return
-    for row in bad.select("sweep", "trial_id", "status", "error").iter_rows():
+    for row in bad.select("sweep", "trial_id", "status", "error").iter_rows() if bad is not None else ():
         click.echo(f"{row[0]}/{row[1]}: {row[2]}: {row[3]}")
+    for entry in lost:
+        click.echo(f"{entry['sweep']}/{entry['trial_id']}: failed, its row not written to the "
+                   f"store: {entry['error']}")
 
 
 def _keys(text: str) -> list[str]:
@@ -483,6 +518,16 @@ def main() -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
+    except StorageError as err:  # the input was fine; the store cannot take the results
+        from raymeta.results.store import record_unwritten
+
+        click.echo(f"error: {err}", err=True)
+        for sweep_name, trial_id, reason in err.unwritten:
+            click.echo(f"trial {trial_id} failed and its row could not be written to "
+                       f"{err.store}: {reason}", err=True)
+        if err.store:
+            record_unwritten(err.store, err.unwritten)
+        sys.exit(1)
     except RaymetaError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -391,6 +393,18 @@ class ResourcesConfig(_Config):
     train with global batch N * batch_size"""
     max_failures: int = Field(1, ge=0)
     """multi-worker trials: restarts from the last checkpoint after a worker dies"""
+    capacity_wait_s: float = Field(120.0, ge=0.0)
+    """multi-worker trials: after a worker or node is lost, how long the trial waits for
+    the resources of its workers to be free again (a replaced node, an autoscaler) before
+    it fails with a failed row that names the lost node; `--resume` continues it later from
+    its last checkpoint"""
+    elastic: bool = False
+    """multi-worker trials: after a node is lost, go on with the workers that remain (at
+    least min_workers) instead of waiting for the lost ones, and grow back when capacity
+    returns. The global batch stays workers_per_trial * batch_size (each worker takes a
+    larger share), so the results are those of the full worker count"""
+    min_workers: int | None = Field(None, ge=1)
+    """with elastic: the fewest workers a trial trains on (default 1)"""
     max_concurrent_trials: int | None = Field(None, ge=1)
     """at most this many trials at once (default: what the cluster's resources allow)"""
     seeds_per_trial: int = Field(1, ge=1)
@@ -409,7 +423,43 @@ class ResourcesConfig(_Config):
         if self.seeds_per_trial > 1 and self.workers_per_trial > 1:
             raise ValueError("seeds_per_trial > 1 packs small models into one process; it does "
                              "not combine with workers_per_trial > 1 (use one or the other)")
+        if self.min_workers is not None and not self.elastic:
+            raise ValueError("min_workers is the fewest workers of an elastic trial; set "
+                             "elastic: true, or drop min_workers")
+        if self.elastic and self.workers_per_trial < 2:
+            raise ValueError("elastic needs workers_per_trial >= 2 (a one-worker trial has "
+                             "no workers to go on with); raise workers_per_trial or drop elastic")
+        if self.elastic and self.min_workers is not None and self.min_workers > self.workers_per_trial:
+            raise ValueError(f"min_workers {self.min_workers} is more than workers_per_trial "
+                             f"{self.workers_per_trial}; use at most {self.workers_per_trial}")
         return self
+
+    def world_sizes(self) -> range:
+        """How many workers a multi-worker trial may train on: workers_per_trial, or with
+        elastic any number from min_workers up."""
+        low = (self.min_workers or 1) if self.elastic else self.workers_per_trial
+        return range(low, self.workers_per_trial + 1)
+
+    def check_elastic_batches(self, batch_size: int, meta_batch_size: int) -> None:
+        """An elastic trial keeps its global batches (workers_per_trial * batch_size, and the
+        meta batch likewise) on fewer workers, so each size must split evenly over every
+        worker count it may train on; ConfigError naming the fix otherwise."""
+        if not self.elastic:
+            return
+        n = self.workers_per_trial
+        for key, size in (("batch_size", batch_size), ("meta_batch_size", meta_batch_size)):
+            bad = [w for w in self.world_sizes() if (n * size) % w]
+            if not bad:
+                continue
+            step = math.lcm(*(w // math.gcd(w, n) for w in self.world_sizes()))
+            fixed = -(-size // step) * step
+            low = min(self.world_sizes())
+            raise ConfigError(
+                f"resources.elastic keeps the global {key.replace('_', ' ')} workers_per_trial "
+                f"x train.{key} = {n} x {size} = {n * size} on any number of workers from "
+                f"{low} to {n}, but it does not split evenly over {bad[0]} worker"
+                f"{'s' if bad[0] > 1 else ''}; set train.{key} to a multiple of {step} (e.g. "
+                f"{fixed}), or narrow the range with resources.min_workers")
 
     def per_worker(self, driver_cpus: float = 0.0) -> dict[str, float]:
         """Ray resources of one worker, when the trial's driver takes `driver_cpus` of the
@@ -486,10 +536,22 @@ class EarlyStoppingConfig(_Config):
         return self
 
 
+SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""a sweep name is one folder name of the store (`sweep=<name>`): no '/', never '..'"""
+
+
+def check_sweep_name(name: str, where: str = "sweep name") -> str:
+    if not re.fullmatch(SWEEP_NAME, name):
+        raise ConfigError(f"{where} {name!r} is not a valid sweep name: it names a folder of the "
+                          f"store, so it takes letters, digits, '_', '-' and '.', starting with a "
+                          f"letter or digit (e.g. runs, mnist-ablation)")
+    return name
+
+
 class SweepSpec(_Config):
     """A sweep file: a base experiment and a grid over dotted keys, run as one trial per cell."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=SWEEP_NAME)
     """sweep name: letters, digits, '_', '-', '.'; names its results partition"""
     store: str = "results"
     """results store: a local folder (relative to where you run) or a URI (s3://, gs://)"""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import re
 
 from raymeta.errors import DataError
 
@@ -31,7 +32,8 @@ def safe_load(source, *, map_location="cpu", mmap: bool = False, numpy: bool = F
             return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         name = source if isinstance(source, str) else "the file"
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise DataError(f"refused to load {name}: it holds objects other than tensors and "
-                        f"plain data, which could run code when read ({first}); use files "
-                        f"written by raymeta or torch.save of tensors") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"it refers to {found.group(1)}" if found else "it holds objects other than tensors and plain data"
+        raise DataError(f"refused to load {name}: {what}, which could run code when read. "
+                        f"Delete the file if you did not write it; raymeta writes only tensors "
+                        f"and plain data") from None

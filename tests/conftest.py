@@ -6,6 +6,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # no token file, no warnings in tests
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# raymeta's local state (the record of rows a store refused) stays out of the user's home
+os.environ.setdefault("RAYMETA_STATE_DIR", __import__("tempfile").mkdtemp(prefix="raymeta-state-"))
 
 import pytest
 
@@ -27,3 +29,27 @@ def tiny_experiment(**sections):
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
     return base
+
+
+@pytest.fixture
+def s3_server():
+    """A local S3-compatible server (moto in server mode) with an empty bucket."""
+    import pyarrow.fs as pafs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
+                      region="us-east-1", allow_bucket_creation=True).create_dir("sweeps")
+    yield f"s3://sweeps/raymeta?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    server.stop()
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -42,10 +42,17 @@ def corrupt_mnist(root):
     return str(root)
 
 
-def label_file(root):
+def label_file(root, labels=None):
     path = root / "labels.npy"
-    np.save(path, np.zeros(7, dtype=np.int64))
+    np.save(path, np.zeros(7, dtype=np.int64) if labels is None else np.asarray(labels))
     return str(path)
+
+
+def digits_labels(bad: int):
+    """The digits training split's size (1,257 after the test split) with one bad label."""
+    labels = np.zeros(1257, dtype=np.int64)
+    labels[3] = bad
+    return labels
 
 
 # (name, what to write: "run" experiment or "sweep" file, a function of the tmp folder that
@@ -99,6 +106,14 @@ CASES = [
     ("label file of the wrong length", "run",
      lambda d: experiment(noise={"type": "real", "file": label_file(d)}), [],
      "labels.npy"),
+    ("label file with a label beyond the classes", "run",
+     lambda d: experiment(noise={"type": "real", "file": label_file(d, digits_labels(99))}), [],
+     "1 label(s) outside 0..9, the dataset's classes (first: 99 at index 3)"),
+    ("label file with -1 labels", "run",
+     lambda d: experiment(noise={"type": "real", "file": label_file(d, digits_labels(-1))}), [],
+     "for unlabeled samples use dataset.unlabeled_fraction, not -1"),
+    ("a --sweep name that leaves the store", "run", lambda d: experiment(),
+     ["--sweep", "../../../ESCAPED"], "--sweep '../../../ESCAPED' is not a valid sweep name"),
     ("negative epochs", "run", lambda d: experiment(**{"train.epochs": 0}), [],
      "train.epochs"),
     ("a string where a number goes", "run", lambda d: experiment(**{"optimizer.lr": "fast"}), [],
@@ -134,6 +149,11 @@ CASES = [
      "--seeds expects seeds separated by commas"),
     ("packed seeds with FaMUS", "run", lambda d: experiment(method={"name": "mwnet", "famus": True}),
      ["--seeds", "0,1"], "do not combine with method.famus"),
+    ("elastic workers whose global batch does not split", "sweep",
+     lambda d: sweep(experiment(**{"train.batch_size": 7, "train.meta_batch_size": 6}),
+                     resources={"workers_per_trial": 3, "cpus_per_trial": 1.5, "elastic": True}),
+     [],
+     "set train.batch_size to a multiple of"),
     ("a repeated grid value", "sweep", lambda d: {**sweep(), "grid": {"seed": [0, 1, 0]}}, [],
      "grid key 'seed' repeats the value(s) 0"),
     ("YAML syntax error", "yaml", lambda d: "name: x\nbase: {dataset: {name: digits}\ngrid: {}\n", [],

@@ -151,30 +151,6 @@ def test_impossible_worker_requests_fail_before_ray_starts(tmp_path):
     assert proc.returncode == 2 and "workers of one run cannot share a GPU" in proc.stderr
 
 
-@pytest.fixture
-def s3_server():
-    """A local S3-compatible server (moto in server mode) with an empty bucket."""
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http",
-                      region="us-east-1", allow_bucket_creation=True).create_dir("sweeps")
-    yield f"s3://sweeps/raymeta?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
-    server.stop()
-    for key, value in old.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 @pytest.mark.ray
 def test_sweep_into_s3_and_summary_from_it(tmp_path, s3_server):
     (tmp_path / "mini.yaml").write_text(textwrap.dedent(f"""

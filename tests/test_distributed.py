@@ -212,5 +212,7 @@ def test_sweep_with_two_workers_per_trial(ray_session, tmp_path):
     trials = query.load(str(tmp_path), "trials", spec.name)
     assert trials["world_size"].to_list() == [2] and trials["status"].to_list() == ["completed"]
     assert trials["tune_trial_id"].str.len_chars().min() > 0
+    ranks = trials["ray_node_ids"][0].split(",")  # every worker's node, in rank order
+    assert len(ranks) == 2 and trials["ray_node_id"][0] == ranks[0]
     curves = query.load(str(tmp_path), "curves", spec.name)
     assert curves.filter(pl.col("trial_id") == trials["trial_id"][0])["epoch"].to_list() == [0, 1]

@@ -284,6 +284,19 @@ def test_load_clothing1m_key_missing_from_kv(tmp_path):
     assert all(k in msg for k in extra[:3]) and extra[3] not in msg
 
 
+@pytest.mark.parametrize("key", ["../../etc/passwd", "/etc/passwd", "images/../../secret.jpg"])
+def test_load_clothing1m_key_outside_the_root(tmp_path, key):
+    """A key list may only name images under the dataset root."""
+    root = fx.write_clothing1m(tmp_path)
+    with open(root / "clean_test_key_list.txt", "a") as f:
+        f.write(key + "\n")
+    with open(root / "clean_label_kv.txt", "a") as f:
+        f.write(key + " 3\n")
+    with pytest.raises(DataError, match="1 key\\(s\\) in .*clean_test_key_list.txt point outside "
+                                        "the dataset folder"):
+        load_clothing1m(root)
+
+
 def test_load_clothing1m_bad_kv_line(tmp_path):
     root = fx.write_clothing1m(tmp_path)
     with open(root / "noisy_label_kv.txt", "a") as f:

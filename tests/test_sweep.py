@@ -123,10 +123,16 @@ def test_interrupted_sweep_says_so_and_resumes_each_trial_once(tmp_path):
     middle = query.load(str(tmp_path / "out"), "trials", "resumable")
     finished = dict(zip(middle["trial_id"], middle["finished_at"]))
 
+    started = time.monotonic()
     done = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=400)
+    wall = time.monotonic() - started
     assert done.returncode == 0, done.stdout + done.stderr
     assert "12 completed, 0 failed" in done.stdout and "[12/12 done" in done.stdout
+    import re
+
+    elapsed = [int(s) for s in re.findall(r"pending; (\d+)s", done.stdout)]
+    assert elapsed and max(elapsed) <= wall  # its own clock, not the first run's
     assert "Traceback" not in done.stderr and "Could not fetch metrics" not in done.stderr, done.stderr
     trials = query.load(str(tmp_path / "out"), "trials", "resumable")
     assert len(trials) == 12 and trials["trial_id"].n_unique() == 12

@@ -160,7 +160,7 @@ def _noise_inputs(raw, cfg: ExperimentConfig, keep: np.ndarray, compute_probs: b
     given = probs = None
     if cfg.noise.type == "real":
         if cfg.noise.file is not None:
-            given = read_label_file(cfg.noise.file, cfg.noise.key, len(train_y))[keep]
+            given = read_label_file(cfg.noise.file, cfg.noise.key, len(train_y), k)[keep]
         elif raw.train_given is not None:
             given = raw.train_given[keep]
     elif (clean < 0).any():

@@ -117,9 +117,10 @@ def _clothing1m(root: Path, size: int) -> RawData:
                    mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
-def read_label_file(path: str, key: str | None, expected: int) -> np.ndarray:
+def read_label_file(path: str, key: str | None, expected: int, num_classes: int) -> np.ndarray:
     """Noisy labels from a file: .npy, .txt/.csv (one label per line, or `path label`), or a
-    CIFAR-N style .pt holding a dict of label arrays (pick one with `key`)."""
+    CIFAR-N style .pt holding a dict of label arrays (pick one with `key`). Every label must be
+    a class index 0..num_classes-1: -1 means "unlabeled" inside raymeta, so a file may not say it."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise DataError(f"noise.file {file} does not exist; point noise.file at the label file")
@@ -151,4 +152,11 @@ def read_label_file(path: str, key: str | None, expected: int) -> np.ndarray:
     if len(labels) != expected:
         raise DataError(f"noise.file {file} has {len(labels)} labels but the training split has "
                         f"{expected} samples; use the label file made for this dataset")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        first = bad[0]
+        raise DataError(f"noise.file {file} has {len(bad)} label(s) outside 0..{num_classes - 1}, "
+                        f"the dataset's classes (first: {labels[first]} at index {first}); use the "
+                        f"label file made for this dataset (for unlabeled samples use "
+                        f"dataset.unlabeled_fraction, not -1)")
     return labels

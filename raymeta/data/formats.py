@@ -268,6 +268,16 @@ def _read_kv(path: Path) -> dict[str, int]:
     return kv
 
 
+def _check_inside(keys: list[str], list_path: Path) -> None:
+    """Key lists name images relative to the dataset root; a key that is absolute or climbs
+    out of it (`../`) would read files elsewhere, so it is refused."""
+    bad = [k for k in keys if k.startswith(("/", "\\")) or ".." in Path(k).parts or ":" in k]
+    if bad:
+        raise DataError(f"clothing1m: {len(bad)} key(s) in {list_path} point outside the dataset "
+                        f"folder, e.g. {', '.join(map(repr, bad[:3]))}; keys are image paths "
+                        f"relative to the root (images/0/xx.jpg). The file is {_REDOWNLOAD}.")
+
+
 def _labels_for(keys: list[str], kv: dict[str, int], list_path: Path, kv_path: Path) -> np.ndarray:
     """Look up every key of a list in a kv file; a missing key is an error."""
     missing = [k for k in keys if k not in kv]
@@ -292,6 +302,7 @@ def load_clothing1m(root: str | Path) -> Clothing1M:
 
     def split(list_name: str, kv: dict[str, int], kv_path: Path) -> FileSplit:
         keys = _read_lines(root / list_name)
+        _check_inside(keys, root / list_name)
         labels = _labels_for(keys, kv, root / list_name, kv_path)
         clean = np.array([clean_kv.get(k, -1) for k in keys], dtype=np.int64)
         return FileSplit(root, keys, labels, clean)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from raymeta.config import ExperimentConfig, ResourcesConfig
 from raymeta.data.bundle import check_data
 from raymeta.errors import ConfigError
 from raymeta.orchestrate.runtime import check_capacity
-from raymeta.results.store import filesystem, resolve_store
+from raymeta.results.store import display_store, filesystem, redact, resolve_store, unwritten_rows
 
 
 def check_all_data(cfgs: list[ExperimentConfig]) -> None:
@@ -49,8 +50,18 @@ def check_store(store: str, create: bool = True) -> None:
             out.write(b"ok")
         fs.delete_file(probe)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"results store {store} cannot be written ({err}); choose a folder "
-                          f"you can write to, or a URI with credentials (--store)") from None
+        raise ConfigError(f"results store {display_store(store)} cannot be written "
+                          f"({redact(str(err), store)}); choose a folder you can write to, or a "
+                          f"URI with credentials (--store)") from None
+
+
+def report_unwritten(store: str) -> None:
+    """Trials that failed earlier on this machine and whose failed rows the store refused
+    (the local record, `store.record_unwritten`): said again until they have rows."""
+    for entry in unwritten_rows(store):
+        print(f"note: trial {entry['trial_id']} (sweep '{entry['sweep']}') failed and its row "
+              f"could not be written to {entry['store']}: {entry['error']} (at {entry['at']})",
+              file=sys.stderr)
 
 
 def preflight(cfgs: list[ExperimentConfig], store: str, resources: ResourcesConfig | None,
@@ -58,5 +69,9 @@ def preflight(cfgs: list[ExperimentConfig], store: str, resources: ResourcesConf
     """Every check `raymeta run`, `sweep` and `validate` make before Ray starts."""
     if resources is not None and not address:
         check_capacity(resources, what)
+    if resources is not None:
+        for cfg in cfgs:
+            resources.check_elastic_batches(cfg.train.batch_size, cfg.train.meta_batch_size)
     check_all_data(cfgs)
     check_store(store, create=create_store)  # last: it creates the store's folder
+    report_unwritten(store)

@@ -25,18 +25,20 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import pyarrow.fs as pafs
 
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
-from raymeta.errors import ConfigError
+from raymeta.errors import ConfigError, DataError, StorageError, is_storage_failure
 from raymeta.orchestrate.grid import Cell, pack_cells
+from raymeta.orchestrate.owner import own_sweep
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
-from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row
-from raymeta.results.store import (FINISHED, completed_digest, filesystem, resolve_store, store_join,
-                                   write_trial)
+from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row, write_failed
+from raymeta.results.store import (FINISHED, completed_digest, display_store, filesystem,
+                                   record_unwritten, redact, resolve_store, storage_error,
+                                   store_join, table_dir, write_bytes, write_trial)
 from raymeta.threads import use_threads
 from raymeta.train.packed import pack_digest
 from raymeta.train.trainer import CHECKPOINT_FILE, check_checkpoint, curve_outcome, load_state_bytes
@@ -88,11 +90,17 @@ def _tune_trial(config: dict) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = checkpoint.folder(scratch)
-        resume_from = None if config.get("rerun") else checkpoint.fetch(scratch, digest)
+        extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
+                 "ray_node_id": ray.get_runtime_context().get_node_id()}
+        try:
+            resume_from = None if config.get("rerun") else checkpoint.fetch(scratch, digest)
+        except DataError as err:  # a planted or damaged file: the rows say so, nothing trains
+            for trial_id, cfg in zip(trial_ids, cfgs):
+                write_failed(config["store"], config["sweep"], trial_id,
+                             trial_row(cfg, config["sweep"], extra), err, [])
+            raise
         where = {"store": config["store"], "sweep": config["sweep"], "on_epoch_end": report,
-                 "checkpoint_dir": folder, "resume_from": resume_from,
-                 "extra": {"tune_trial_id": ray.tune.get_context().get_trial_id(),
-                           "ray_node_id": ray.get_runtime_context().get_node_id()}}
+                 "checkpoint_dir": folder, "resume_from": resume_from, "extra": extra}
         if "pack" in cell:
             run_packed_trial(cfgs, trial_ids, **where)
         else:
@@ -112,6 +120,7 @@ class TrialCheckpoint:
 
     def __init__(self, store: str, sweep: str, trial_id: str):
         self.fs, base = filesystem(store_join(store, "checkpoints", f"sweep={sweep}", trial_id))
+        self.store = store
         self.file = f"{base}/{CHECKPOINT_FILE}"
         self.in_place = isinstance(self.fs, pafs.LocalFileSystem)
         self.scratch: str | None = None
@@ -138,10 +147,19 @@ class TrialCheckpoint:
         return folder
 
     def push(self) -> None:
-        """After the Trainer saved an epoch: upload it (object stores)."""
-        if self.scratch is not None and os.path.exists(f"{self.scratch}/{CHECKPOINT_FILE}"):
-            pafs.copy_files(f"{self.scratch}/{CHECKPOINT_FILE}", self.file,
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        """After the Trainer saved an epoch: upload it (object stores), all or nothing (read
+        whole, then one upload: pyarrow's copy would publish a partial object if reading
+        failed mid-way). A store that refuses it for good raises StorageError."""
+        local = f"{self.scratch}/{CHECKPOINT_FILE}"
+        if self.scratch is not None and os.path.exists(local):
+            with open(local, "rb") as source:
+                payload = source.read()
+            try:
+                write_bytes(self.fs, self.file, payload)
+            except OSError as err:
+                if (failure := storage_error(err, self.store, f"the checkpoint {self.file}")):
+                    raise failure from err
+                raise
 
     def state(self) -> dict | None:
         """The Trainer state of the last saved epoch, or None."""
@@ -166,9 +184,16 @@ def _progress_callback(total: int, early_stopping: bool):
         def __init__(self):
             self.setup()
 
+        def __getstate__(self) -> dict:
+            return {}
+
+        def __setstate__(self, state: dict) -> None:
+            """Tuner.restore brings back this object as it was pickled with the experiment,
+            and calls no setup: a resumed sweep counts afresh (its own clock, the trials Tune
+            restores as finished)."""
+            self.setup()
+
         def setup(self, **info):
-            """At each start of Tune's loop (Tuner.restore brings back this object as it was
-            pickled with the experiment, so a resumed sweep starts it afresh here)."""
             self.finished: set[str] = set()
             self.failed = self.trained = 0
             self.seen_restored = False
@@ -245,9 +270,124 @@ def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig):
                    "error": f"stopped early (ASHA) after epoch {len(curves) - 1}",
                    "train_seconds": state["train_seconds"], "restarts": state.get("restarts", 0),
                    "world_size": resources.workers_per_trial}
-            write_trial(store, sweep, cell["trial_id"], row, curves)
+            try:
+                write_trial(store, sweep, cell["trial_id"], row, curves)
+            except StorageError as err:  # the store refuses writes: the sweep stops
+                from raymeta.orchestrate import sweep as driver
+
+                driver._storage_failed(cell["trial_id"], err,
+                                       [(sweep, cell["trial_id"], row["error"])])
 
     return StoppedRows()
+
+
+_SEEN: dict = {}
+"""What this driver's sweep met (reset by each run): `storage`, the first storage error's
+text; `unwritten`, (sweep, trial id, error) named by StorageErrors; `errored`, the cells of
+each errored Tune trial (ids, error text, Tune trial id). Read through this module by the
+callbacks below, which Tuner.restore brings back by value from the pickled experiment."""
+
+
+def _reset_seen() -> None:
+    _SEEN.clear()
+    _SEEN.update(storage=None, unwritten=[], errored={})
+
+
+def _storage_failed(name: str, err: BaseException, unwritten=()) -> None:
+    """A storage error ended trial `name`: the sweep stops (StorageStop) at the next step."""
+    _SEEN.setdefault("unwritten", []).extend(tuple(u) for u in unwritten)
+    if _SEEN.get("storage") is None:
+        _SEEN["storage"] = str(err) if isinstance(err, StorageError) else f"{type(err).__name__}: {err}"
+        print(f"{name}: the store refuses writes ({_SEEN['storage']}); stopping the sweep, no "
+              f"further trial starts", file=sys.stderr, flush=True)
+
+
+def _trial_exception(trial) -> BaseException | None:
+    """The exception a failed Tune trial raised, from the file Tune pickled it to on this
+    machine (Tune's copy in the store may be the thing that could not be written)."""
+    import cloudpickle
+
+    try:
+        with open(trial.pickled_error_file, "rb") as source:
+            exc = cloudpickle.load(source)
+    except Exception:  # no file, an empty or foreign one
+        try:
+            with open(trial.error_file()) as source:
+                text = source.read().strip().splitlines()
+            return RuntimeError(text[-1]) if text else None
+        except Exception:
+            return None
+    cause = getattr(exc, "cause", None)
+    return cause if isinstance(cause, BaseException) else exc
+
+
+def _note_trial_error(trial) -> None:
+    """Driver side of a failed trial: which cells it held and why; a storage error stops the
+    sweep."""
+    cell = trial.config["cell"]
+    ids = [c["trial_id"] for c in cell.get("pack", [cell])]
+    exc = _trial_exception(trial)
+    text = "" if exc is None else (str(exc) if isinstance(exc, StorageError)
+                                   else f"{type(exc).__name__}: {exc}")
+    _SEEN.setdefault("errored", {})[cell["trial_id"]] = (ids, text, trial.trial_id)
+    if exc is not None and (isinstance(exc, StorageError) or is_storage_failure(exc)):
+        _storage_failed(cell["trial_id"], exc, getattr(exc, "unwritten", ()))
+
+
+def _storage_watch() -> list:
+    """The callback that notes each failed trial (`_note_trial_error`), and the stopper that
+    ends the sweep after a storage error: every later trial would fail the same way."""
+    import ray.tune
+
+    class StorageWatch(ray.tune.Callback):
+        def on_trial_error(self, iteration, trials, trial, **info):
+            from raymeta.orchestrate import sweep as driver
+
+            driver._note_trial_error(trial)
+
+    class StorageStop(ray.tune.Stopper):
+        def __call__(self, trial_id, result) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            from raymeta.orchestrate import sweep as driver
+
+            return driver._SEEN.get("storage") is not None
+
+    return [StorageWatch(), StorageStop()]
+
+
+def _row_written(store: str, sweep: str, trial_id: str, tune_trial_id: str | None) -> bool:
+    """The store holds a row of this trial written by this Tune trial (a row of an earlier
+    run does not count); a store that cannot be read counts as no row."""
+    fs, _ = filesystem(store)
+    path = f"{table_dir(store, 'trials', sweep)}/{trial_id}.parquet"
+    try:
+        import pyarrow.parquet as pq
+
+        row = pq.read_table(path, filesystem=fs).to_pylist()
+    except Exception:
+        return False
+    return bool(row) and (tune_trial_id is None or row[0].get("tune_trial_id") in (None, tune_trial_id))
+
+
+def _unwritten(store: str, sweep: str, grid) -> list[tuple[str, str, str]]:
+    """(sweep, trial id, error) of each failed trial of this run whose row is not in the
+    store: named by a StorageError, or found missing after its Tune trial errored (a row that
+    could not be written, a worker killed before it wrote one)."""
+    found = {(s, t): e for s, t, e in _SEEN.get("unwritten", [])}
+    errored = dict(_SEEN.get("errored", {}))
+    for result in grid or []:
+        if result.error is not None:
+            cell = result.config["cell"]
+            ids = [c["trial_id"] for c in cell.get("pack", [cell])]
+            exc = getattr(result.error, "cause", None) or result.error
+            errored.setdefault(cell["trial_id"], (ids, f"{type(exc).__name__}: {exc}", None))
+    for ids, text, tune_id in errored.values():
+        for trial_id in ids:
+            if (sweep, trial_id) not in found and not _row_written(store, sweep, trial_id, tune_id):
+                found[(sweep, trial_id)] = text or "the trial failed (no error recorded)"
+    return [(s, t, e) for (s, t), e in found.items()]
 
 
 def _last_checkpoint_state(trial, store, sweep, trial_id, resources) -> dict | None:
@@ -298,6 +438,10 @@ class SweepRun:
     """failed cells (a failed pack of seeds counts each of its seeds)"""
     interrupted: bool
     """SIGINT or SIGTERM stopped the sweep before every trial ran"""
+    storage_error: str | None = None
+    """the store refused a write for good (disk full, quota, permissions): the sweep stopped"""
+    unwritten: list[tuple[str, str, str]] = field(default_factory=list)
+    """(sweep, trial id, error) of failed trials whose row is not in the store"""
 
 
 def finished_digests(store: str, sweep: str) -> set[str]:
@@ -361,9 +505,17 @@ def _graceful_stop():
 
 
 def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
-              resume: bool = False, rerun: bool = False) -> SweepRun:
+              resume: bool = False, rerun: bool = False, source: str | None = None) -> SweepRun:
     """Run the cells with Ray Tune. Cells whose finished rows (with the same config) are
-    already in the store are skipped unless `rerun`."""
+    already in the store are skipped unless `rerun`. While it runs, the sweep is this
+    driver's (`raymeta.orchestrate.owner`): another driver of the same name is refused.
+    `source`: the sweep file, named to a driver that is refused."""
+    with own_sweep(spec, source):
+        return _run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
+
+
+def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resume: bool,
+               rerun: bool) -> SweepRun:
     import ray.tune
 
     store = resolve_store(spec.store)
@@ -372,7 +524,8 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
         todo = [c for c in cells if c.config.digest() not in done]
         if len(todo) < len(cells):
             print(f"{len(cells) - len(todo)} of {len(cells)} trials already have finished rows "
-                  f"in {store}; skipping them (--rerun trains them again)", flush=True)
+                  f"in {display_store(store)}; skipping them (--rerun trains them again)",
+                  flush=True)
         cells = todo
         if not cells:
             return SweepRun(0, False)
@@ -387,7 +540,9 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
     trainable = ray.tune.with_resources(_tune_trial, resources)
     experiment = store_join(store, "tune", spec.name)
     trials = [_tune_cell(group) for group in pack_cells(cells, spec.resources.seeds_per_trial)]
-    callbacks = [_progress_callback(len(trials), spec.early_stopping.scheduler != "none")]
+    _reset_seen()
+    watch, stopper = _storage_watch()
+    callbacks = [_progress_callback(len(trials), spec.early_stopping.scheduler != "none"), watch]
     scheduler = None
     stopping = spec.early_stopping
     if stopping.scheduler == "asha":
@@ -404,7 +559,8 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
                                        resume_errored=True)
     else:
         if resume:
-            print(f"nothing to resume at {experiment}; starting the sweep", file=sys.stderr)
+            print(f"nothing to resume at {display_store(experiment)}; starting the sweep",
+                  file=sys.stderr)
         param_space = {"store": store, "sweep": spec.name, "rerun": rerun,
                        "resources": spec.resources.model_dump(mode="json"),
                        "cell": ray.tune.grid_search(trials)}
@@ -417,10 +573,27 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
             # no Tune checkpoints: each trial keeps its own at a stable path (TrialCheckpoint)
             run_config=ray.tune.RunConfig(
                 name=spec.name, storage_path=storage_path, verbose=0, callbacks=callbacks,
-                failure_config=ray.tune.FailureConfig(max_failures=0)))
-    with _graceful_stop() as stopped:
-        grid = tuner.fit()
-    # a failed pack of seeds is one Tune trial but a failed row per seed
-    failed = sum(len(result.config["cell"].get("pack", [None])) for result in grid if result.error)
-    return SweepRun(failed, stopped["signal"] is not None)
+                stop=stopper, failure_config=ray.tune.FailureConfig(max_failures=0)))
+    grid = None
+    try:
+        with _graceful_stop() as stopped:
+            grid = tuner.fit()
+    except Exception as err:  # Tune's own files in a store that refuses writes
+        if _SEEN["storage"] is None and not is_storage_failure(err):
+            raise
+        _SEEN["storage"] = _SEEN["storage"] or f"{type(err).__name__}: {redact(str(err), store)}"
+    unwritten = _unwritten(store, spec.name, grid)
+    shown = display_store(store)
+    for _, trial_id, error in unwritten:
+        print(f"trial {trial_id} failed and its row could not be written to {shown}: "
+              f"{redact(error, store)}", file=sys.stderr, flush=True)
+    if (record := record_unwritten(store, unwritten)) is not None:
+        print(f"(noted in {record}; the next run on this store reports them again until they "
+              f"have rows)", file=sys.stderr)
+    if grid is not None:  # a failed pack of seeds is one Tune trial but a failed row per seed
+        failed = sum(len(result.config["cell"].get("pack", [None])) for result in grid if result.error)
+    else:
+        failed = sum(len(ids) for ids, _, _ in _SEEN["errored"].values())
+    return SweepRun(failed, stopped["signal"] is not None, storage_error=_SEEN["storage"],
+                    unwritten=unwritten)
 

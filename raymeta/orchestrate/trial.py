@@ -14,7 +14,8 @@ from importlib import metadata
 from pathlib import Path
 
 from raymeta.config import ExperimentConfig
-from raymeta.results.store import write_trial
+from raymeta.errors import StorageError, is_storage_failure
+from raymeta.results.store import display_store, resolve_store, write_trial
 from raymeta.train import Trainer
 from raymeta.train.health import collapse
 from raymeta.train.packed import PackedTrainer
@@ -61,6 +62,43 @@ def write_failed(store: str, sweep: str, trial_id: str, row: dict, err: BaseExce
     return row
 
 
+def write_failed_rows(store: str, sweep: str, failed: list[tuple[str, dict, list[dict]]],
+                      err: BaseException) -> None:
+    """The failed row of each (trial id, row, curves), after `err` ended the trial. A row the
+    store refuses for good (disk full, quota, permissions: errors.is_storage_failure) raises
+    StorageError naming the trial, so the driver still lists it (`unwritten`) and a sweep
+    stops; other errors of the write propagate (the driver finds the row missing)."""
+    unwritten, last = [], None
+    for trial_id, row, curves in failed:
+        try:
+            write_failed(store, sweep, trial_id, row, err, curves)
+        except Exception as row_err:
+            if not is_storage_failure(row_err):
+                raise
+            unwritten.append((sweep, trial_id, f"{type(err).__name__}: {err}"))
+            last = row_err
+    if unwritten:
+        shown = display_store(resolve_store(store))
+        ids = ", ".join(u[1] for u in unwritten)
+        if is_storage_failure(err):  # the store refused the trial's writes, then its row
+            text = str(err) if isinstance(err, StorageError) else f"{type(err).__name__}: {err}"
+            message = f"{text}; the failed row of trial {ids} could not be written either"
+        else:
+            message = (f"{last} (the failed row of trial {ids}, which failed with "
+                       f"{type(err).__name__}: {err})")
+        raise StorageError(message, store=shown, unwritten=tuple(unwritten)) from err
+
+
+def _written(store: str, sweep: str, trial_id: str, write: Callable[[], dict]) -> dict:
+    """A finished trial's rows, or StorageError naming it when the store refuses them."""
+    try:
+        return write()
+    except StorageError as err:
+        raise StorageError(f"trial {trial_id} trained to its end but its rows could not be "
+                           f"written: {err}", store=err.store,
+                           unwritten=((sweep, trial_id, str(err)),)) from err
+
+
 def write_completed(store: str, sweep: str, trial_id: str, row: dict, result) -> dict:
     """The row of a run that trained to its end: `completed`, or `collapsed` (with the epoch
     and the reason) when it trained to nothing (`raymeta.train.health`)."""
@@ -84,9 +122,10 @@ def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str,
         result = trainer.fit()
     except Exception as err:  # KeyboardInterrupt, SystemExit: leave no row
         print(traceback.format_exc(), file=sys.stderr)
-        write_failed(store, sweep, trial_id, row, err, trainer.curves if trainer else [])
+        write_failed_rows(store, sweep, [(trial_id, row, trainer.curves if trainer else [])], err)
         raise
-    return write_completed(store, sweep, trial_id, row, result)
+    return _written(store, sweep, trial_id,
+                    lambda: write_completed(store, sweep, trial_id, row, result))
 
 
 def run_packed_trial(cfgs: list[ExperimentConfig], trial_ids: list[str], *, store: str, sweep: str,
@@ -103,8 +142,10 @@ def run_packed_trial(cfgs: list[ExperimentConfig], trial_ids: list[str], *, stor
         results = trainer.fit()
     except Exception as err:  # KeyboardInterrupt, SystemExit: leave no rows
         print(traceback.format_exc(), file=sys.stderr)
-        for k, (trial_id, row) in enumerate(zip(trial_ids, rows)):
-            write_failed(store, sweep, trial_id, row, err, trainer.members[k].curves if trainer else [])
+        write_failed_rows(store, sweep, [(trial_id, row, trainer.members[k].curves if trainer else [])
+                                         for k, (trial_id, row) in enumerate(zip(trial_ids, rows))],
+                          err)
         raise
-    return [write_completed(store, sweep, trial_id, row, result)
+    return [_written(store, sweep, trial_id,
+                     functools.partial(write_completed, store, sweep, trial_id, row, result))
             for trial_id, row, result in zip(trial_ids, rows, results)]

@@ -12,8 +12,9 @@ import polars as pl
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raymeta.config import check_sweep_name
 from raymeta.errors import ConfigError, did_you_mean
-from raymeta.results.store import FINISHED, filesystem, list_folder, write_parquet
+from raymeta.results.store import FINISHED, display_store, filesystem, list_folder, write_parquet
 
 METRICS = {"final": "final_test_acc", "peak": "best_test_acc", "best_meta": "test_acc_at_best_meta"}
 """--metric shorthands: final epoch, peak over epochs, at the epoch of best meta-set accuracy"""
@@ -29,13 +30,13 @@ def list_sweeps(store: str) -> list[str]:
 def load(store: str, table: str = "trials", sweep: str | None = None) -> pl.DataFrame:
     """All rows of a table (trials or curves), for one sweep or every sweep, with a `sweep`
     column. A file that cannot be read is reported on stderr and skipped."""
-    sweeps = [sweep] if sweep else list_sweeps(store)
+    sweeps = [check_sweep_name(sweep, "--sweep")] if sweep else list_sweeps(store)
     frames = [frame for name in sweeps if (frame := _load_sweep(store, table, name)) is not None]
     if not frames:
         where = f"sweep '{sweep}'" if sweep else "any sweep"
         known = list_sweeps(store)
         hint = f"; sweeps in this store: {', '.join(known)}" if known else ""
-        raise ConfigError(f"no {table} results for {where} in store {store}{hint}")
+        raise ConfigError(f"no {table} results for {where} in store {display_store(store)}{hint}")
     return with_method_label(pl.concat(frames, how="diagonal_relaxed"))
 
 
@@ -83,10 +84,20 @@ def _load_sweep(store: str, table: str, sweep: str) -> pl.DataFrame | None:
             files.pop(name)
     if not frames:
         return None
-    rows = pl.concat(frames, how="diagonal_relaxed")
+    rows = pl.concat(_same_list_types(frames), how="diagonal_relaxed")
     if fresh or len(keep) < len(held):
         _write_compact(fs, compact_path, rows, {n: files[n] for n in files})
     return rows.drop("_source").with_columns(pl.lit(sweep).alias("sweep"))
+
+
+def _same_list_types(frames: list[pl.DataFrame]) -> list[pl.DataFrame]:
+    """Curves written before list columns were stored as Parquet lists hold them as JSON text;
+    where another file of the sweep has that column as a list, the text is parsed to it."""
+    lists = {name: dtype for frame in frames for name, dtype in frame.schema.items()
+             if isinstance(dtype, pl.List)}
+    return [frame.with_columns(pl.col(name).str.json_decode(lists[name]) for name, dtype
+                               in frame.schema.items() if name in lists and dtype == pl.String)
+            for frame in frames]
 
 
 def _write_compact(fs: pafs.FileSystem, path: str, rows: pl.DataFrame, sources: dict) -> None:
@@ -296,7 +307,7 @@ def curves(store: str, *, sweep: str | None = None, trial_ids: Sequence[str] | N
         known = rows.select(pl.col("trial_id").unique()).collect()["trial_id"].to_list()
         unknown = [t for t in trial_ids if t not in known]
         if unknown:
-            where = f"sweep '{sweep}'" if sweep else f"store {store}"
+            where = f"sweep '{sweep}'" if sweep else f"store {display_store(store)}"
             raise ConfigError(f"no curves of trial(s) {', '.join(unknown)} in {where}"
                               f"{did_you_mean(unknown[0], known)}; its {len(known)} trial ids "
                               f"include {', '.join(sorted(known)[:5])}")

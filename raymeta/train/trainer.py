@@ -18,6 +18,8 @@ meta set of each epoch is chosen at the end of the previous one from the trainin
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import resource
@@ -34,7 +36,7 @@ from raymeta.config import ExperimentConfig
 from raymeta.data import pseudo
 from raymeta.data.bundle import DataBundle, build_data, seeded_rng
 from raymeta.data.loader import DeviceSplit
-from raymeta.errors import ConfigError, RaymetaError
+from raymeta.errors import ConfigError, RaymetaError, StorageError, is_storage_failure
 from raymeta.methods import Engine, build_method
 from raymeta.methods.base import Method, masked_sum_count, per_sample_ce, scalar_sum_count
 from raymeta.methods.famus import Famus
@@ -119,6 +121,22 @@ def curve_outcome(curves: list[dict]) -> dict:
                if key in curves[-1]}}
 
 
+def _worker_share(batch: int, meta_batch: int, batch_workers: int | None,
+                  world: int) -> tuple[int, int]:
+    """Per-worker batch and meta batch when the global ones are batch_workers times the
+    configured sizes and `world` workers share them."""
+    if batch_workers is None or batch_workers == world:
+        return batch, meta_batch
+    shares = []
+    for key, size in (("batch_size", batch), ("meta_batch_size", meta_batch)):
+        if (size * batch_workers) % world:
+            raise ConfigError(f"the global {key.replace('_', ' ')} {batch_workers} x {size} does not "
+                              f"split evenly over {world} workers; set train.{key} to a "
+                              f"multiple of {world // math.gcd(world, batch_workers)}")
+        shares.append(size * batch_workers // world)
+    return shares[0], shares[1]
+
+
 def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device is cuda but no CUDA GPU is visible; use auto or cpu")
@@ -136,15 +154,22 @@ class Trainer:
             checkpoint is saved), e.g. to report to Ray Tune.
         checkpoint_dir: where `checkpoint.pt` is written each epoch (None: no file).
         resume_from: a checkpoint file or folder to continue from.
+        batch_workers: how many workers train.batch_size and train.meta_batch_size are per
+            (default: the workers there are). The global batches are batch_workers times
+            them, split over the workers there are (an elastic run on fewer workers).
     """
 
     def __init__(self, cfg: ExperimentConfig, *, on_epoch_end: Callable | None = None,
                  checkpoint_dir: str | Path | None = None, resume_from: str | Path | None = None,
-                 data: DataBundle | None = None, device: torch.device | None = None):
+                 data: DataBundle | None = None, device: torch.device | None = None,
+                 batch_workers: int | None = None):
         self.cfg = cfg
         self.device = device if device is not None else pick_device(cfg.train.device)
         self.dtype = getattr(torch, cfg.train.dtype)
         self.rank, self.world = rank_world()
+        self.batch_size, self.meta_batch_size = (
+            _worker_share(cfg.train.batch_size, cfg.train.meta_batch_size, batch_workers, self.world))
+        """this worker's share of each global batch and meta batch"""
         self.on_epoch_end = on_epoch_end
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         torch.manual_seed(cfg.seed)  # the initialisation of the model and meta-model
@@ -259,15 +284,15 @@ class Trainer:
 
     def epoch_batches(self):
         """This epoch's training batches (this worker's part of each)."""
-        train, cfg = self.splits["train"], self.cfg
-        return train.batches(cfg.train.batch_size, shuffle=True, augment=self.data.augment,
+        train = self.splits["train"]
+        return train.batches(self.batch_size, shuffle=True, augment=self.data.augment,
                              order_generator=self.gens.order, aug_generator=self.gens.augment,
-                             drop_last=len(train) > cfg.train.batch_size * self.world,
+                             drop_last=len(train) > self.batch_size * self.world,
                              rank=self.rank, world=self.world)
 
     def meta_batch(self):
         """A clean meta batch (this worker's part); drawn only on steps that update the meta-model."""
-        return self.splits["meta"].sample(self.cfg.train.meta_batch_size, self.gens.meta,
+        return self.splits["meta"].sample(self.meta_batch_size, self.gens.meta,
                                           self.data.augment, self.gens.augment, self.rank,
                                           self.world)
 
@@ -414,12 +439,27 @@ class Trainer:
                 "config_digest": self.cfg.digest(), "noisy_labels_sha": self.data.noise.sha}
 
     def save_checkpoint(self, folder: str | Path) -> Path:
-        """Write checkpoint.pt atomically into `folder`."""
+        """Write checkpoint.pt atomically into `folder`. The bytes are made in memory first:
+        torch.save into a file on a full disk fails with an opaque RuntimeError, a plain write
+        with the errno. A write that no retry can fix (disk full, quota, permissions,
+        read-only) raises StorageError; a failed write leaves the previous checkpoint and no
+        temporary file."""
+        buffer = io.BytesIO()
+        torch.save(self.state_dict(), buffer)
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, folder / CHECKPOINT_FILE)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as out:
+                out.write(buffer.getbuffer())
+            os.replace(tmp, folder / CHECKPOINT_FILE)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # on a full disk it holds space
+                tmp.unlink(missing_ok=True)
+            if is_storage_failure(err):
+                raise StorageError(f"cannot write the checkpoint {folder / CHECKPOINT_FILE}: "
+                                   f"{err}") from err
+            raise
         return folder / CHECKPOINT_FILE
 
     def load_checkpoint(self, path: str | Path) -> None:
