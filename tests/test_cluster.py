@@ -35,7 +35,7 @@ def test_two_node_cluster_runs_a_submitted_sweep_on_both_nodes(tmp_path):
         base:
           dataset: {{name: digits}}
           model: {{name: mlp, options: {{hidden: [32]}}}}
-          train: {{epochs: 3, batch_size: 64}}
+          train: {{epochs: 10, batch_size: 64}}
         grid:
           seed: [0, 1, 2, 3]
         resources: {{cpus_per_trial: 1}}

@@ -53,11 +53,12 @@ live_nodes() {  # nodes `ray status` lists as active or idle (not its "Recent fa
     | awk '/^Pending:/ {exit} / node_/ {n++} END {print n + 0}'
 }
 
-wait_nodes() {  # until $1 nodes have registered with the head (at most 30 s)
-  for _ in $(seq 1 150); do
+wait_nodes() {  # until $1 nodes have registered with the head (at most 60 s, then an error)
+  for _ in $(seq 1 300); do
     [ "$(live_nodes)" -ge "$1" ] && return 0; sleep 0.2
   done
-  return 0
+  echo "only $(live_nodes) of $1 nodes registered with 127.0.0.1:$PORT within 60 s; see $DIR/*.log" >&2
+  return 1
 }
 
 case "${1:-}" in
