@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from raymeta.config import SweepSpec
 from raymeta.errors import ConfigError
-from raymeta.results.store import filesystem, store_join
+from raymeta.results.store import filesystem, store_join, write_bytes
 
 HEARTBEAT_S = 20.0
 STALE_S = 90.0
@@ -47,16 +47,8 @@ def _read(fs: pafs.FileSystem, path: str) -> dict | None:
 
 
 def _write(fs: pafs.FileSystem, path: str, record: dict) -> None:
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    data = json.dumps(record, sort_keys=True).encode()
-    if isinstance(fs, pafs.LocalFileSystem):  # atomic: a reader never sees half a record
-        tmp = f"{path}.{uuid.uuid4().hex}"
-        with open(tmp, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    else:  # one small object, one request
-        with fs.open_output_stream(path) as out:
-            out.write(data)
+    """All or nothing (store.write_bytes): a reader never sees half a record."""
+    write_bytes(fs, path, json.dumps(record, sort_keys=True).encode())
 
 
 def _alive(record: dict) -> bool:
