@@ -35,7 +35,7 @@ from raymeta.errors import ConfigError, DataError, StorageError, is_storage_fail
 from raymeta.orchestrate.grid import Cell, pack_cells
 from raymeta.orchestrate.owner import own_sweep
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
-from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row, write_failed
+from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row, write_failed_rows
 from raymeta.results.store import (FINISHED, completed_digest, display_store, filesystem,
                                    record_unwritten, redact, resolve_store, storage_error,
                                    store_join, table_dir, write_bytes, write_trial)
@@ -95,9 +95,9 @@ def _tune_trial(config: dict) -> None:
         try:
             resume_from = None if config.get("rerun") else checkpoint.fetch(scratch, digest)
         except DataError as err:  # a planted or damaged file: the rows say so, nothing trains
-            for trial_id, cfg in zip(trial_ids, cfgs):
-                write_failed(config["store"], config["sweep"], trial_id,
-                             trial_row(cfg, config["sweep"], extra), err, [])
+            write_failed_rows(config["store"], config["sweep"],
+                              [(trial_id, trial_row(cfg, config["sweep"], extra), [])
+                               for trial_id, cfg in zip(trial_ids, cfgs)], err)
             raise
         where = {"store": config["store"], "sweep": config["sweep"], "on_epoch_end": report,
                  "checkpoint_dir": folder, "resume_from": resume_from, "extra": extra}
