@@ -295,11 +295,105 @@ class MetaLabelNetConfig(_MetaConfig):
     which needs many steps before its soft labels are better than noise"""
 
 
+# ----------------------------------------------------------------- baselines (no meta step)
+class GCEConfig(_Config):
+    """Generalized Cross Entropy (Zhang & Sabuncu, NeurIPS 2018): the Lq loss (1 - p_y^q) / q,
+    between CE (q -> 0) and MAE (q = 1); truncated at p_y = k with pruning (the paper's
+    truncated Lq)."""
+
+    name: Literal["gce"] = "gce"
+    q: float = Field(0.7, gt=0.0, le=1.0)
+    """the exponent q (paper: 0.7 on every dataset)"""
+    truncate_k: float = Field(0.5, ge=0.0, lt=1.0)
+    """truncated Lq: at the end of each pruning epoch, every training sample whose p_y under
+    the current model is at most k gets weight 0 (the others 1) until the next pruning;
+    0 = the plain Lq loss, no pruning (paper: k = 0.5)"""
+    prune_start: int = Field(40, ge=0)
+    """the first pruning epoch, counted from 0: the weights chosen at its end hold from the
+    next epoch on (paper: 40 of 120 on CIFAR; the AlanChou/Truncated-Loss reimplementation
+    prunes after 39 epochs, which is 38 here)"""
+    prune_every: int = Field(10, ge=1)
+    """epochs between prunings (paper: 10)"""
+
+
+class SCEConfig(_Config):
+    """Symmetric Cross Entropy (Wang et al., ICCV 2019): alpha CE + beta reverse CE, with
+    log 0 of the one-hot label taken as A."""
+
+    name: Literal["sce"] = "sce"
+    alpha: float = Field(0.1, ge=0.0)
+    """weight of CE (paper: MNIST 0.01, CIFAR-10 0.1, CIFAR-100 6.0)"""
+    beta: float = Field(1.0, ge=0.0)
+    """weight of reverse CE (paper: MNIST 1.0, CIFAR-10 1.0, CIFAR-100 0.1)"""
+    log_zero: float = Field(-4.0, lt=0.0)
+    """A, the value taken for log 0 in the reverse CE (paper: -4; the official code clips the
+    one-hot label at 1e-4: ln 1e-4 = -9.2103)"""
+
+
+class _CorrectionConfig(_Config):
+    """Settings of the two-stage loss corrections: train CE, estimate T, train corrected."""
+
+    estimate_epoch: int = Field(10, ge=1)
+    """cross-entropy epochs before T is estimated; the corrected loss trains from this epoch
+    to train.epochs, which counts both stages (the learning-rate schedule runs over all of
+    them, without restarting at the estimate)"""
+    retrain: bool = True
+    """put the model back to its initial weights (the same as the first stage's) and clear the
+    optimizer's state once T is estimated, as the papers do; false = go on from the
+    cross-entropy model"""
+
+
+class ForwardConfig(_CorrectionConfig):
+    """Forward correction (Patrini et al., CVPR 2017): T estimated from anchor points of the
+    cross-entropy model on the noisy training data; loss = CE(softmax(logits) @ T, y)."""
+
+    name: Literal["forward"] = "forward"
+    anchor_percentile: float = Field(97.0, gt=0.0, le=100.0)
+    """per class i, the anchor is the training sample at this percentile of p(i | x) (paper
+    code: 97; 100 = the arg max, the paper's Eq. 9)"""
+    oracle_t: bool = False
+    """use the realized noise matrix instead of the estimate (an upper bound, not a method:
+    rows are labelled forward-oracle in summaries)"""
+
+
+class GLCConfig(_CorrectionConfig):
+    """Gold Loss Correction (Hendrycks et al., NeurIPS 2018): T estimated from the cross-entropy
+    model's predictions on the clean meta set (the trusted data); then the corrected loss on
+    the noisy data plus CE on a trusted (meta) batch, the two means weighted by their shares
+    of the data, as the official code's mixed batches weigh them."""
+
+    name: Literal["glc"] = "glc"
+
+
+class CoteachingConfig(_Config):
+    """Co-teaching (Han et al., NeurIPS 2018): two networks; each trains on the small-loss
+    samples chosen by the other, keeping 1 - forget rate of each batch."""
+
+    name: Literal["coteaching"] = "coteaching"
+    forget_rate: float | None = Field(None, ge=0.0, lt=1.0)
+    """the final share of each batch dropped (default: noise.rate, as in the paper and its
+    code; 0 for noise.type none; noise.type real has no known rate: set it)"""
+    num_gradual: int = Field(10, ge=0)
+    """T_k: the forget rate ramps up linearly over this many epochs (paper: 10; 0: no ramp)"""
+    exponent: float = Field(1.0, gt=0.0)
+    """c in the ramp (paper and code: 1)"""
+    ramp: Literal["paper", "code"] = "paper"
+    """with T = epoch + 1 (the first training epoch is T = 1 in both): paper: forget_rate *
+    min((T / T_k)^c, 1); code (official main.py): linspace(0, forget_rate^c, T_k)[T] for
+    T < T_k, then forget_rate (full one epoch sooner; with c != 1 it jumps at T_k)"""
+    evaluate: Literal["first", "second"] = "first"
+    """which network is evaluated and saved as the model (the other's test accuracy is
+    reported as peer_test_acc)"""
+
+
 METHOD_CONFIGS: dict[str, type[_Config]] = {
     "ce": CEConfig, "mwnet": MWNetConfig, "l2r": L2RConfig, "mlc": MLCConfig,
-    "mlnt": MLNTConfig, "metalabelnet": MetaLabelNetConfig}
+    "mlnt": MLNTConfig, "metalabelnet": MetaLabelNetConfig, "gce": GCEConfig, "sce": SCEConfig,
+    "forward": ForwardConfig, "glc": GLCConfig, "coteaching": CoteachingConfig}
 """method name -> its config class; a new method registers here and in MethodConfig"""
-MethodConfig = Annotated[CEConfig | MWNetConfig | L2RConfig | MLCConfig | MLNTConfig | MetaLabelNetConfig, Field(discriminator="name")]
+MethodConfig = Annotated[CEConfig | MWNetConfig | L2RConfig | MLCConfig | MLNTConfig | MetaLabelNetConfig
+                         | GCEConfig | SCEConfig | ForwardConfig | GLCConfig | CoteachingConfig,
+                         Field(discriminator="name")]
 METHODS = tuple(METHOD_CONFIGS)
 
 
@@ -482,6 +576,19 @@ class ExperimentConfig(_Config):
     famus: FamusConfig = Field(default_factory=FamusConfig)
     seed: int = Field(0, ge=0)
     """fixes the noisy labels, the meta split, the initialisation and the batch order"""
+
+    @model_validator(mode="after")
+    def _coteaching_forget_rate(self) -> ExperimentConfig:
+        """Co-teaching forgets the noise rate by default: resolve it here, where the noise is known."""
+        if self.method.name != "coteaching" or self.method.forget_rate is not None:
+            return self
+        if self.noise.type == "real":
+            raise ValueError("method coteaching needs method.forget_rate with noise.type real "
+                             "(real noisy labels have no known noise rate): set method.forget_rate "
+                             "to an estimate of the share of wrong labels")
+        rate = self.noise.rate  # 0.0 for noise.type none: nothing to forget
+        object.__setattr__(self, "method", self.method.model_copy(update={"forget_rate": rate}))
+        return self
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:

@@ -50,7 +50,11 @@ def exact_config(method: dict, world: int, epochs: int = 1) -> ExperimentConfig:
 METHODS = {"ce": {"name": "ce"}, "mwnet": {"name": "mwnet"}, "mlc": {"name": "mlc"},
            "mwnet+famus": {"name": "mwnet", "famus": True},
            "ce+syncbn": {"name": "ce", "sync_batchnorm": True},
-           "mwnet+syncbn": {"name": "mwnet", "sync_batchnorm": True}}
+           "mwnet+syncbn": {"name": "mwnet", "sync_batchnorm": True},
+           "gce": {"name": "gce", "prune_start": 0, "prune_every": 1, "truncate_k": 0.28},
+           "sce": {"name": "sce"},
+           "forward": {"name": "forward", "estimate_epoch": 1},
+           "glc": {"name": "glc", "estimate_epoch": 1}, "coteaching": {"name": "coteaching"}}
 
 
 def snapshot(trainer: Trainer) -> dict[str, np.ndarray]:
@@ -63,12 +67,18 @@ def snapshot(trainer: Trainer) -> dict[str, np.ndarray]:
 
 
 def five_steps(method: dict, world: int, steps: int = 5) -> dict[str, np.ndarray]:
-    trainer = Trainer(exact_config(method, world))
+    """`steps` steps of one epoch; methods that change at an epoch (estimate_epoch, pruning)
+    first train the epochs before it, so the compared steps are the changed ones."""
+    before = method.get("estimate_epoch", 1 if "prune_start" in method else 0)
+    trainer = Trainer(exact_config(method, world, epochs=before + 1))
     if trainer.engine.famus is not None:
         trainer.engine.famus.force = True  # every gate on: the exact meta gradient
+    for _ in range(before if steps else 0):
+        trainer.train_epoch()
+        trainer.epoch += 1
     if steps:
         trainer.train_epoch()
-    assert trainer.engine.steps == steps
+    assert trainer.engine.steps == steps * (before + 1)
     return snapshot(trainer)
 
 

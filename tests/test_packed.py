@@ -20,8 +20,10 @@ from raymeta.train.packed import PackedTrainer
 
 def experiment(method: str, epochs: int = 2):
     """float64, so that packed and separate runs can be compared to 1e-12; MetaLabelNet's
-    warm-up is one epoch (its encoder is frozen from each seed's model after it)."""
-    options = {"warmup_epochs": 1} if method == "metalabelnet" else {}
+    warm-up is one epoch (its encoder is frozen from each seed's model after it), and GCE
+    prunes after every epoch (with each seed's model)."""
+    options = {"metalabelnet": {"warmup_epochs": 1},
+               "gce": {"prune_start": 0, "prune_every": 1}}.get(method, {})
     return parse_experiment(tiny_experiment(
         model={"options": {"hidden": [32], "batchnorm": True}},
         noise={"type": "uniform", "rate": 0.4},

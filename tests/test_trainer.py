@@ -33,7 +33,11 @@ def test_noise_hurts_ce():
 METHODS = [{"name": "ce"}, {"name": "mwnet"}, {"name": "l2r"}, {"name": "mlc"},
            {"name": "metalabelnet", "warmup_epochs": 1},
            {"name": "mlnt", "start_epoch": 1, "ramp_epochs": 2, "num_fast": 2},
-           {"name": "mwnet", "meta_interval": 4, "meta_optimizer": "adam"}]
+           {"name": "mwnet", "meta_interval": 4, "meta_optimizer": "adam"},
+           # gce prunes after epochs 0 and 2: the resumed epoch 2 trains on the saved weights
+           {"name": "gce", "prune_start": 0, "prune_every": 2}, {"name": "sce"},
+           {"name": "forward", "estimate_epoch": 1}, {"name": "glc", "estimate_epoch": 3},
+           {"name": "coteaching", "num_gradual": 3}]
 
 
 PSEUDO = {"per_class": None, "source": "pseudo", "pseudo": {"warmup_epochs": 1, "min_size": 8}}

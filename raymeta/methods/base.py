@@ -17,7 +17,7 @@ from torch import nn
 
 from raymeta.data.loader import Batch
 from raymeta.methods.engine import Engine
-from raymeta.parallel import batch_mean, rank_world
+from raymeta.parallel import all_reduce_sum_, batch_mean, rank_world
 
 MetaBatchFn = Callable[[], Batch]
 """returns a clean meta batch; called only on steps that update the meta-model"""
@@ -38,9 +38,30 @@ def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels.clamp_min(0), reduction="none") * (labels >= 0)
 
 
+def label_log_prob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label | x) per sample (any value for unlabeled samples: mask them)."""
+    return F.log_softmax(logits, dim=1).gather(1, labels.clamp_min(0)[:, None])[:, 0]
+
+
 def mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over the labeled samples (of the global batch)."""
     return batch_mean(per_sample_ce(logits, labels), labels >= 0)
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, split, num_classes: int, batch_size: int = 512) -> torch.Tensor:
+    """softmax(model(x)) in eval mode for every sample of a whole split (a DeviceSplit), in the
+    split's order, float64. Each worker computes its part and the parts are summed, so every
+    worker ends with all of them (the same on each)."""
+    training = model.training
+    model.eval()
+    rank, world = rank_world()
+    probs = torch.zeros(len(split), num_classes, dtype=torch.float64, device=split.y.device)
+    for batch in split.batches(batch_size, shuffle=False, rank=rank, world=world):
+        probs[batch.index] = F.softmax(model(batch.x).double(), dim=1)
+    all_reduce_sum_([probs])
+    model.train(training)
+    return probs
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -86,6 +107,9 @@ class Method:
         self.epoch = 0
         self.generator: torch.Generator | None = None
         """the method's own random draws (seeded by the trainer, kept in checkpoints)"""
+        self.splits: dict | None = None
+        """the trainer's device splits by name (train, meta, test), for methods that look at a
+        whole split at once (set by the trainer)"""
 
     def train_loss(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return mean_ce(logits, batch.y)

@@ -64,16 +64,20 @@ class MLC(MetaMethod):
         return self.corrected_loss(logits, batch.y, self.meta_model.T.detach())
 
     def epoch_metrics(self, data) -> dict:
-        """The learned T and how well it finds the realized noise: per source class, whether
-        its largest off-diagonal entry is the class its labels really flip to most."""
-        T = self.meta_model.T.detach().cpu().double().numpy()
-        realized = data.noise.transition
-        off = ~np.eye(len(T), dtype=bool)
-        noisy_rows = (realized * off).sum(axis=1) > 0
-        learned_target = np.where(off, T, -np.inf).argmax(axis=1)
-        true_target = np.where(off, realized, -np.inf).argmax(axis=1)
-        rows = T / np.maximum(T.sum(axis=1, keepdims=True), 1e-12)
-        return {"T": T.round(5).ravel().tolist(),
-                "T_target_agreement": float((learned_target == true_target)[noisy_rows].mean())
-                if noisy_rows.any() else float("nan"),
-                "T_total_variation": float(0.5 * np.abs(rows - realized).sum(axis=1).mean())}
+        return transition_metrics(self.meta_model.T, data.noise.transition)
+
+
+def transition_metrics(T: torch.Tensor, realized: np.ndarray) -> dict:
+    """A learned or estimated T and how well it finds the realized noise: per source class,
+    whether its largest off-diagonal entry is the class its labels really flip to most, and
+    the total variation of its rows to the realized matrix's."""
+    T = T.detach().cpu().double().numpy()
+    off = ~np.eye(len(T), dtype=bool)
+    noisy_rows = (realized * off).sum(axis=1) > 0
+    learned_target = np.where(off, T, -np.inf).argmax(axis=1)
+    true_target = np.where(off, realized, -np.inf).argmax(axis=1)
+    rows = T / np.maximum(T.sum(axis=1, keepdims=True), 1e-12)
+    return {"T": T.round(5).ravel().tolist(),
+            "T_target_agreement": float((learned_target == true_target)[noisy_rows].mean())
+            if noisy_rows.any() else float("nan"),
+            "T_total_variation": float(0.5 * np.abs(rows - realized).sum(axis=1).mean())}

@@ -14,10 +14,11 @@ import torch
 from raymeta.data.loader import PackedBatch
 from raymeta.methods.base import MetaMethod, Method, StepOutput
 
-PACKABLE = ("ce", "mwnet", "l2r", "mlc", "metalabelnet")
+PACKABLE = ("ce", "mwnet", "l2r", "mlc", "metalabelnet", "gce", "sce")
 """methods whose steps depend only on their own logits, batch and meta-model, or on their seed's
-model as it was at an epoch's start (MetaLabelNet's encoder: the seeds' own models are updated
-at each epoch's end). MLNT steps a teacher copy of the model inside every step."""
+model as it was at an epoch's start (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own
+models are updated at each epoch's end). MLNT steps a teacher copy of the model inside every
+step."""
 
 
 def packing_problem(cfg) -> str | None:

@@ -55,4 +55,15 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int, 
     for label, value in (("num_classes", num_classes), ("in_channels", in_channels), ("image_size", image_size)):
         if not is_int(value) or value < 1:
             raise ConfigError(f"model {name!r}: {label} must be a positive integer, got {value!r}")
-    return cls(num_classes, in_channels, image_size, **options)
+    model = cls(num_classes, in_channels, image_size, **options)
+    model.build_args = (name, num_classes, in_channels, image_size, dict(options))  # for rebuild_model
+    return model
+
+
+def rebuild_model(model: Backbone) -> Backbone:
+    """Another model of `model`'s architecture and options, on its device and dtype: its own
+    initialisation drawn from the global RNG (pretrained weights loaded again), as
+    build_model gives it (e.g. Co-teaching's second network)."""
+    name, num_classes, in_channels, image_size, options = model.build_args
+    param = next(model.parameters())
+    return build_model(name, num_classes, in_channels, image_size, **options).to(param.device, param.dtype)

@@ -109,12 +109,15 @@ def _write_compact(fs: pafs.FileSystem, path: str, rows: pl.DataFrame, sources: 
 
 
 def with_method_label(frame: pl.DataFrame) -> pl.DataFrame:
-    """Add `method`: the method name, with +famus when FaMUS was on (the papers' row labels)."""
+    """Add `method`: the method name, with +famus when FaMUS was on (the papers' row labels)
+    and -oracle when Forward used the realized noise matrix (method.oracle_t)."""
     if "method.name" not in frame.columns or "method" in frame.columns:
         return frame
     label = pl.col("method.name")
     if "method.famus" in frame.columns:
         label = pl.when(pl.col("method.famus").fill_null(False)).then(label + "+famus").otherwise(label)
+    if "method.oracle_t" in frame.columns:  # forward with the realized T: an upper bound
+        label = pl.when(pl.col("method.oracle_t").fill_null(False)).then(label + "-oracle").otherwise(label)
     return frame.with_columns(label.alias("method"))
 
 

@@ -200,6 +200,7 @@ class Trainer:
         self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device,
                                          self.dtype, layout)
                        for name in ("train", "meta", "test")}
+        self.method.splits = self.splits
         for name in ("train",) if self.pseudo else ("train", "meta"):
             if len(self.splits[name]) < self.world:
                 raise ConfigError(f"the {name} split has {len(self.splits[name])} samples, fewer "
