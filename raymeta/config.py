@@ -505,9 +505,18 @@ class ResourcesConfig(_Config):
     """cells that differ only in their seed train this many at a time in one process, their
     models packed into one (vmap); each seed still gets its own results row. For small models
     on a GPU (every method but mlnt); on a CPU it is slower (docs/benchmarks.md)"""
+    cells_per_trial: int = Field(1, ge=1)
+    """cells one Tune trial trains one after another (in grid order). For sweeps of many
+    short cells (seconds each), where Tune's scheduling between trials leaves slots idle;
+    each cell keeps its own rows, curves and checkpoint, and a cell that fails does not stop
+    the others. Not with seeds_per_trial > 1, workers_per_trial > 1 or early stopping"""
 
     @model_validator(mode="after")
     def _check(self) -> ResourcesConfig:
+        if self.cells_per_trial > 1 and (self.seeds_per_trial > 1 or self.workers_per_trial > 1):
+            raise ValueError("cells_per_trial > 1 chains short one-process cells; it does not "
+                             "combine with seeds_per_trial > 1 or workers_per_trial > 1 (use "
+                             "one or the other)")
         per_worker = self.gpus_per_trial / self.workers_per_trial
         if self.workers_per_trial > 1 and per_worker and per_worker != int(per_worker):
             raise ValueError(
@@ -679,6 +688,10 @@ class SweepSpec(_Config):
             raise ValueError("early_stopping does not combine with resources.seeds_per_trial > 1 "
                              "(it would stop every seed of a pack on their mean); use one or the "
                              "other")
+        if self.resources.cells_per_trial > 1 and self.early_stopping.scheduler != "none":
+            raise ValueError("early_stopping does not combine with resources.cells_per_trial > 1 "
+                             "(the scheduler would stop a chain of cells on one cell's metric); "
+                             "use one or the other")
         return self
 
 

@@ -80,6 +80,33 @@ resources: {cpus_per_trial: 1, max_concurrent_trials: 2}
 """
 
 
+def test_chained_cells_share_tune_trials_and_keep_their_own_rows(ray_session, tmp_path):
+    """resources.cells_per_trial: consecutive cells train one after another in one Tune
+    trial; each writes its own rows, and a failing cell neither stops the others nor
+    counts more than once."""
+    spec = parse_sweep({
+        "name": "chain", "store": str(tmp_path), "base": tiny_experiment(train={"epochs": 2}),
+        "grid": {"optimizer.lr": [0.1, 1.0e12], "seed": [0, 1, 2]},
+        "exclude": [{"optimizer.lr": 1.0e12, "seed": 1}, {"optimizer.lr": 1.0e12, "seed": 2}],
+        "resources": {"cells_per_trial": 3}})
+    cells = expand(spec)
+    assert len(cells) == 4
+    assert run_sweep(spec, cells).failed == 1
+    trials = query.load(str(tmp_path), "trials", "chain")
+    assert sorted(trials["trial_id"]) == sorted(c.trial_id for c in cells)
+    assert trials["status"].to_list().count("completed") == 3
+    assert "lower optimizer.lr" in trials.filter(pl.col("status") == "failed")["error"].item()
+    # 4 cells in chains of 3 and 1: two Tune trials
+    assert trials["tune_trial_id"].n_unique() == 2
+    curves = query.load(str(tmp_path), "curves", "chain").filter(
+        pl.col("trial_id").is_in(trials.filter(pl.col("status") == "completed")["trial_id"].to_list()))
+    assert curves.group_by("trial_id").len()["len"].to_list() == [2, 2, 2]
+    # finished cells are not trained again; the failed one is, and fails once more
+    assert run_sweep(spec, cells).failed == 1
+    again = query.load(str(tmp_path), "trials", "chain")
+    assert len(again) == 4 and again["status"].to_list().count("completed") == 3
+
+
 def test_interrupted_sweep_says_so_and_resumes_each_trial_once(tmp_path):
     """Ctrl-C (SIGINT) mid-sweep: exit 130, a message that names --resume, a summary marked
     partial. Then SIGKILL of the driver and its Ray mid-resume. Then a resume that finishes:

@@ -69,9 +69,10 @@ def test_gpu_check_runs_every_section_on_a_cpu(tmp_path):
 
 def test_bench_sweep_compares_the_driver_with_bare_tune():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_sweep.py"), "--trials", "10",
-                           "--quick"], capture_output=True, text=True, timeout=600,
+                           "--quick", "--chain", "4"], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ray tune, bare")
             or line.startswith("| raymeta sweep")]
-    assert len(rows) == 2 and "raymeta's overhead per trial over Tune's own" in proc.stdout
+    assert len(rows) == 3 and "raymeta's overhead per trial over Tune's own" in proc.stdout
+    assert rows[2].startswith("| raymeta sweep, cells_per_trial 4 |")

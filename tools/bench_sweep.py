@@ -8,7 +8,8 @@ Tuner running the same training with the same resources, in the same run.
 Prints, for each: trials per minute; the mean gap between consecutive trial finishes per
 block of trials (flat = the driver's cost per trial does not grow); slot occupancy (the share
 of the time, while trials were pending, that every slot was busy); and the overhead per trial
-of raymeta's driver over Tune's own.
+of raymeta's driver over Tune's own. A third run chains cells (`resources.cells_per_trial`),
+which takes Tune's scheduling out of the time between short cells.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def run_bare(trials: int, slots: int, storage: str) -> list[tuple[float, float]]
     return [(r.metrics["started"], r.metrics["finished"]) for r in grid]
 
 
-def run_raymeta(trials: int, slots: int, store: str) -> list[tuple[float, float]]:
+def run_raymeta(trials: int, slots: int, store: str, chain: int = 1) -> list[tuple[float, float]]:
     from raymeta.config import parse_sweep
     from raymeta.orchestrate.grid import expand
     from raymeta.orchestrate.sweep import run_sweep
@@ -63,7 +64,8 @@ def run_raymeta(trials: int, slots: int, store: str) -> list[tuple[float, float]
 
     spec = parse_sweep({"name": "bench", "store": store, "base": EXPERIMENT,
                         "grid": {"seed": list(range(trials))},
-                        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": slots}})
+                        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": slots,
+                                      "cells_per_trial": chain}})
     run_sweep(spec, expand(spec))
     rows = query.load(store, "trials", "bench")
     stamp = lambda s: dt.datetime.fromisoformat(s).timestamp()  # noqa: E731
@@ -95,6 +97,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000)
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smaller blocks, for CI sizes")
+    parser.add_argument("--chain", type=int, default=8,
+                        help="also run raymeta with resources.cells_per_trial CHAIN (1: skip)")
     args = parser.parse_args()
     block = max(1, args.trials // (5 if args.quick else 10))
     import ray
@@ -105,8 +109,12 @@ def main() -> None:
     start_ray(None)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, run in (("ray tune, bare", lambda: run_bare(args.trials, args.slots, f"{tmp}/tune")),
-                           ("raymeta sweep", lambda: run_raymeta(args.trials, args.slots, f"{tmp}/store"))):
+        runs = [("ray tune, bare", lambda: run_bare(args.trials, args.slots, f"{tmp}/tune")),
+                ("raymeta sweep", lambda: run_raymeta(args.trials, args.slots, f"{tmp}/store"))]
+        if args.chain > 1:
+            runs.append((f"raymeta sweep, cells_per_trial {args.chain}",
+                         lambda: run_raymeta(args.trials, args.slots, f"{tmp}/chained", args.chain)))
+        for label, run in runs:
             tic = time.monotonic()
             spans = run()
             results.append(describe(label, spans, time.monotonic() - tic, args.slots, block))
@@ -118,7 +126,7 @@ def main() -> None:
         gaps = " ".join(f"{g:.3f}" for g in r["blocks"])
         print(f"| {r['label']} | {r['per_minute']:.0f} | {r['seconds'] / r['trials']:.3f} | "
               f"{100 * r['occupancy']:.0f}% | {gaps} |")
-    bare, ours = results
+    bare, ours = results[:2]
     print(f"\nraymeta's overhead per trial over Tune's own: "
           f"{(ours['seconds'] - bare['seconds']) / args.trials:+.3f} s; last block / first "
           f"block of gaps: bare {bare['blocks'][-1] / bare['blocks'][0]:.2f}, raymeta "

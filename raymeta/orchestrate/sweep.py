@@ -48,24 +48,61 @@ DRIVER_CPUS = 0.01
 workers share the rest): it only waits on its workers"""
 
 
+class ChainFailed(RuntimeError):
+    """Cells of a chain (resources.cells_per_trial) failed; the others trained."""
+
+    def __init__(self, failed: list[tuple[str, str]], total: int):
+        self.failed, self.total = failed, total
+        super().__init__(f"{len(failed)} of the {total} cells of this trial failed: "
+                         + "; ".join(f"{trial_id}: {error}" for trial_id, error in failed))
+
+    def __reduce__(self):  # Tune pickles it to the driver
+        return ChainFailed, (self.failed, self.total)
+
+
+def cells_of(cell: dict) -> list[dict]:
+    """The cells a Tune trial holds: a pack's seeds, a chain's cells, or the one cell."""
+    return cell.get("pack") or cell.get("chain") or [cell]
+
+
 def _tune_trial(config: dict) -> None:
-    """The Tune trainable: train one cell (or, packed, several seeds of one setting), report
-    each epoch, write the rows. Its checkpoint lives at a path of its own in the store
-    (`TrialCheckpoint`), so a restarted or resumed trial continues from its last epoch
-    whatever Tune's own state says."""
-    import ray
+    """The Tune trainable: train one cell (or, packed, several seeds of one setting; or,
+    chained, several cells one after another), report each epoch, write the rows. Each
+    checkpoint lives at a path of its own in the store (`TrialCheckpoint`), so a restarted or
+    resumed trial continues from its last epoch whatever Tune's own state says."""
     import ray.tune
 
     cell = config["cell"]
+    if "chain" not in cell:
+        if not _train_cell(config, cell):
+            ray.tune.report({ALREADY_DONE: True})
+        return
+    failed, trained = [], 0
+    for link in cell["chain"]:
+        try:
+            trained += _train_cell(config, link)
+        except Exception as err:  # its failed row is written; the next cells still train
+            if isinstance(err, StorageError) or is_storage_failure(err):
+                raise  # the store refuses writes: every later cell would fail the same way
+            failed.append((link["trial_id"], f"{type(err).__name__}: {err}"))
+    if failed:
+        raise ChainFailed(failed, len(cell["chain"]))
+    if not trained:
+        ray.tune.report({ALREADY_DONE: True})
+
+
+def _train_cell(config: dict, cell: dict) -> bool:
+    """Train one cell or pack of seeds; False when its finished rows were already in the store."""
+    import ray
+    import ray.tune
+
     pack = cell.get("pack", [cell])
     cfgs = [ExperimentConfig.model_validate(c["experiment"]) for c in pack]
     trial_ids = [c["trial_id"] for c in pack]
     resources = ResourcesConfig.model_validate(config["resources"])
     if not config.get("rerun") and all(completed_digest(config["store"], config["sweep"], i)
                                        == c.digest() for i, c in zip(trial_ids, cfgs)):
-        # it finished before the sweep was interrupted: its rows are in the store
-        ray.tune.report({ALREADY_DONE: True})
-        return
+        return False  # it finished before the sweep was interrupted: its rows are in the store
     if resources.workers_per_trial > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -75,7 +112,7 @@ def _tune_trial(config: dict) -> None:
                         trial_id=trial_ids[0], callbacks=[TuneReportCallback()],
                         driver_cpus=DRIVER_CPUS,
                         extra={"tune_trial_id": ray.tune.get_context().get_trial_id()})
-        return
+        return True
     use_threads(cap=resources.cpus_per_trial)  # Ray's OMP_NUM_THREADS, less what is busy
     checkpoint = TrialCheckpoint(config["store"], config["sweep"], cell["trial_id"])
     digest = pack_digest(cfgs) if "pack" in cell else cfgs[0].digest()
@@ -105,6 +142,7 @@ def _tune_trial(config: dict) -> None:
             run_packed_trial(cfgs, trial_ids, **where)
         else:
             run_trial(cfgs[0], trial_id=trial_ids[0], **where)
+    return True
 
 
 ALREADY_DONE = "already_completed"
@@ -239,6 +277,8 @@ def _progress_callback(total: int, early_stopping: bool):
                     text = f"test_acc {result['test_acc']:.4f}"
                     if "pack" in trial.config["cell"]:
                         text += f" (mean of its {len(trial.config['cell']['pack'])} seeds)"
+                    elif "chain" in trial.config["cell"]:
+                        text += f" (the last of its {len(trial.config['cell']['chain'])} cells)"
             self._line(trials, trial, text)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -325,8 +365,9 @@ def _note_trial_error(trial) -> None:
     """Driver side of a failed trial: which cells it held and why; a storage error stops the
     sweep."""
     cell = trial.config["cell"]
-    ids = [c["trial_id"] for c in cell.get("pack", [cell])]
     exc = _trial_exception(trial)
+    ids = ([trial_id for trial_id, _ in exc.failed] if isinstance(exc, ChainFailed)
+           else [c["trial_id"] for c in cells_of(cell)])
     text = "" if exc is None else (str(exc) if isinstance(exc, StorageError)
                                    else f"{type(exc).__name__}: {exc}")
     _SEEN.setdefault("errored", {})[cell["trial_id"]] = (ids, text, trial.trial_id)
@@ -380,7 +421,7 @@ def _unwritten(store: str, sweep: str, grid) -> list[tuple[str, str, str]]:
     for result in grid or []:
         if result.error is not None:
             cell = result.config["cell"]
-            ids = [c["trial_id"] for c in cell.get("pack", [cell])]
+            ids = [c["trial_id"] for c in cells_of(cell)]
             exc = getattr(result.error, "cause", None) or result.error
             errored.setdefault(cell["trial_id"], (ids, f"{type(exc).__name__}: {exc}", None))
     for ids, text, tune_id in errored.values():
@@ -417,6 +458,19 @@ def _tune_cell(group: list[Cell]) -> dict:
     if len(cells) == 1:
         return cells[0]
     return {**cells[0], "trial_id": f"{cells[0]['trial_id']}-pack{len(cells)}", "pack": cells}
+
+
+def _tune_trials(cells: list[Cell], resources: ResourcesConfig) -> list[dict]:
+    """The sweep's Tune trials: its cells one per trial, packed (seeds_per_trial) or chained
+    (cells_per_trial: consecutive cells, named after the first)."""
+    groups = pack_cells(cells, resources.seeds_per_trial)
+    n = resources.cells_per_trial
+    if n == 1:
+        return [_tune_cell(group) for group in groups]
+    chains = [[_tune_cell(group) for group in groups[i:i + n]] for i in range(0, len(groups), n)]
+    return [chain[0] if len(chain) == 1 else
+            {**chain[0], "trial_id": f"{chain[0]['trial_id']}-chain{len(chain)}", "chain": chain}
+            for chain in chains]
 
 
 def max_concurrent(resources: ResourcesConfig) -> int | None:
@@ -539,7 +593,7 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
         resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     trainable = ray.tune.with_resources(_tune_trial, resources)
     experiment = store_join(store, "tune", spec.name)
-    trials = [_tune_cell(group) for group in pack_cells(cells, spec.resources.seeds_per_trial)]
+    trials = _tune_trials(cells, spec.resources)
     _reset_seen()
     watch, stopper = _storage_watch()
     callbacks = [_progress_callback(len(trials), spec.early_stopping.scheduler != "none"), watch]
@@ -590,10 +644,15 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
     if (record := record_unwritten(store, unwritten)) is not None:
         print(f"(noted in {record}; the next run on this store reports them again until they "
               f"have rows)", file=sys.stderr)
-    if grid is not None:  # a failed pack of seeds is one Tune trial but a failed row per seed
-        failed = sum(len(result.config["cell"].get("pack", [None])) for result in grid if result.error)
+    # a failed pack of seeds is one Tune trial but a failed row per seed; a chain, one per
+    # failed cell (noted when Tune reported the error)
+    errored = _SEEN["errored"]
+    if grid is not None:
+        failed = sum(len(errored[cell["trial_id"]][0]) if cell["trial_id"] in errored
+                     else len(cells_of(cell))
+                     for cell in (result.config["cell"] for result in grid if result.error))
     else:
-        failed = sum(len(ids) for ids, _, _ in _SEEN["errored"].values())
+        failed = sum(len(ids) for ids, _, _ in errored.values())
     return SweepRun(failed, stopped["signal"] is not None, storage_error=_SEEN["storage"],
                     unwritten=unwritten)
 
