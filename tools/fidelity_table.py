@@ -1,6 +1,12 @@
 """Our MNIST numbers beside the MLC paper's Table 1 (Wang, Hu, Hu, CVPR 2020), cell by cell.
 
-    python tools/fidelity_table.py --store results --sweep mnist-mlc-table1 [--metric peak]
+    python tools/fidelity_table.py --store results [--metric peak]
+
+Rows come from the sweeps mnist-mlc-table1 (CE, L2R, MLC as the paper writes it),
+mnist-mlc-table1-code (MLC as its official code runs it: "MLC (code)"),
+mnist-mlc-table1-baselines (Forward, GLC) and mnist-coteaching; --sweep picks others. Forward
+and GLC train in two stages, the first of which is CE's run: read their final accuracy (their
+peak may be the first stage's).
 
 Each cell: our mean ± std over seeds (n) / the paper's number (ours minus the paper's).
 MLC's protocol reports the peak test accuracy (the best of all evaluations; its code keeps
@@ -11,9 +17,11 @@ is printed beside it because it is the number that selects nothing on the test s
 from __future__ import annotations
 
 import argparse
+import sys
 
 import polars as pl
 
+from raymeta.errors import ConfigError
 from raymeta.results import query
 
 RATES = (0.1, 0.2, 0.3, 0.4)
@@ -25,13 +33,31 @@ PAPER = {  # MLC Table 1, MNIST, test accuracy %: noise -> the 10/20/30/40% cell
             "flip_to_one": (98.82, 98.48, 98.15, 97.78)},
     "mlc": {"uniform": (98.98, 98.80, 98.64, 98.47), "flip_random": (98.97, 98.91, 98.63, 98.54),
             "flip_to_one": (99.18, 98.94, 98.31, 97.36)},
+    "forward": {"uniform": (98.64, 98.40, 98.36, 98.14), "flip_random": (98.70, 98.48, 98.44, 98.31),
+                "flip_to_one": (97.84, 97.07, 95.40, 95.21)},
+    "glc": {"uniform": (98.72, 98.52, 98.45, 98.23), "flip_random": (98.78, 98.70, 98.42, 98.29),
+            "flip_to_one": (97.86, 97.45, 96.53, 95.47)},
+    "coteaching": {"uniform": (None, 97.25, None, None), "flip_to_one": (None, None, None, 87.63)},
 }
-LABELS = {"ce": "CE", "l2r": "L2R (LRE)", "mlc": "MLC"}
+LABELS = {"ce": "CE", "l2r": "L2R (LRE)", "mlc": "MLC", "mlc-code": "MLC (code)",
+          "forward": "Forward", "glc": "GLC", "coteaching": "Co-teaching"}
+SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-code", "mnist-mlc-table1-baselines",
+          "mnist-coteaching")
+
+
+def with_variant(trials: pl.DataFrame) -> pl.DataFrame:
+    """`method` names MLC's official-code form (T on logits, reset every step) apart."""
+    if "method.t_on_logits" not in trials.columns:
+        return trials
+    code = (pl.col("method.name") == "mlc") & pl.col("method.t_on_logits").fill_null(False) \
+        & pl.col("method.reset_t_each_step").fill_null(False)
+    return trials.with_columns(pl.when(code).then(pl.lit("mlc-code")).otherwise(pl.col("method"))
+                               .alias("method"))
 
 
 def table(trials: pl.DataFrame, metric: str) -> str:
     column = query.METRICS.get(metric, metric)
-    done = query.unique_runs(trials, quiet=True).filter(pl.col("status") == "completed")
+    done = with_variant(query.unique_runs(trials, quiet=True).filter(pl.col("status") == "completed"))
     stats = (done.group_by("method", "noise.type", "noise.rate")
              .agg((pl.col(column).mean() * 100).alias("mean"), (pl.col(column).std() * 100).alias("std"),
                   pl.len().alias("n")))
@@ -39,13 +65,18 @@ def table(trials: pl.DataFrame, metric: str) -> str:
              for r in stats.iter_rows(named=True)}
     header = ["method", "noise", *(f"{int(100 * r)}%" for r in RATES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    methods = [*PAPER, *sorted(set(stats["method"]) - set(PAPER))]
+    order = ("ce", "l2r", "mlc", "mlc-code", "forward", "glc", "coteaching")
+    methods = [m for m in order if m in set(stats["method"])]
+    methods += sorted(set(stats["method"]) - set(methods))
     for noise in NOISE:
         for method in methods:
+            if noise not in PAPER.get(method.removesuffix("-code"), {}) and not any(
+                    (method, noise, rate) in found for rate in RATES):
+                continue  # a cell neither the paper nor we have (Co-teaching's are few)
             cells = []
             for i, rate in enumerate(RATES):
                 ours = found.get((method, noise, rate))
-                paper = PAPER.get(method, {}).get(noise, (None,) * 4)[i]
+                paper = PAPER.get(method.removesuffix("-code"), {}).get(noise, (None,) * 4)[i]
                 text = "—" if ours is None else f"{ours['mean']:.2f} ± {ours['std'] or 0:.2f} ({ours['n']})"
                 if paper is not None:
                     diff = "" if ours is None else f" ({ours['mean'] - paper:+.2f})"
@@ -58,12 +89,20 @@ def table(trials: pl.DataFrame, metric: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results")
-    parser.add_argument("--sweep", default="mnist-mlc-table1")
+    parser.add_argument("--sweep", action="append", help=f"a sweep to read (repeat; default: {', '.join(SWEEPS)})")
     parser.add_argument("--metric", default="peak", help="peak | final | best_meta")
     args = parser.parse_args()
     print(f"{args.metric} test accuracy, ours mean ± std (seeds) / paper, ours - paper; "
           f"MNIST (official files)\n")
-    print(table(query.load(args.store, "trials", args.sweep), args.metric))
+    frames = []
+    for name in args.sweep or SWEEPS:
+        try:
+            frames.append(query.load(args.store, "trials", name))
+        except ConfigError as error:  # a sweep not started yet: its rows are "—"
+            print(f"({error})\n", file=sys.stderr)
+    if not frames:
+        raise SystemExit("no rows of any sweep in the store yet")
+    print(table(pl.concat(frames, how="diagonal_relaxed"), args.metric))
 
 
 if __name__ == "__main__":
