@@ -253,7 +253,7 @@ def footnotes(trials: pl.DataFrame) -> list[str]:
         return []
     counts = dict(unique_runs(trials, quiet=True).group_by("status").len().iter_rows())
     notes = []
-    for status, why in (("failed", "failed"), ("collapsed", "collapsed (trained to chance)"),
+    for status, why in (("failed", "failed"), ("collapsed", "collapsed (trained to chance or to a few classes)"),
                         ("stopped", "stopped early")):
         if counts.get(status):
             notes.append(f"{counts[status]} run(s) {why}, left out of the means: "
