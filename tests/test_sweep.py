@@ -80,7 +80,7 @@ resources: {cpus_per_trial: 1, max_concurrent_trials: 2}
 """
 
 
-def test_chained_cells_share_tune_trials_and_keep_their_own_rows(ray_session, tmp_path):
+def test_chained_cells_share_tune_trials_and_keep_their_own_rows(ray_session, tmp_path, capsys):
     """resources.cells_per_trial: consecutive cells train one after another in one Tune
     trial; each writes its own rows, and a failing cell neither stops the others nor
     counts more than once."""
@@ -92,6 +92,8 @@ def test_chained_cells_share_tune_trials_and_keep_their_own_rows(ray_session, tm
     cells = expand(spec)
     assert len(cells) == 4
     assert run_sweep(spec, cells).failed == 1
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    assert len(lines) == 2 and lines[-1].startswith("[4/4 done, 0 running, 1 failed")  # cells
     trials = query.load(str(tmp_path), "trials", "chain")
     assert sorted(trials["trial_id"]) == sorted(c.trial_id for c in cells)
     assert trials["status"].to_list().count("completed") == 3

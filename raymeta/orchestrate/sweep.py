@@ -209,10 +209,15 @@ class TrialCheckpoint:
 
 
 def _progress_callback(total: int, early_stopping: bool):
+    """`total`: the sweep's cells. Counts are of cells, so a pack of seeds or a chain of
+    cells (one Tune trial) counts as the cells it holds, as the final summary does."""
     import ray.tune
     from ray.tune.experiment import Trial
 
-    total_trials = total
+    total_cells = total
+
+    def size(trial) -> int:
+        return len(cells_of(trial.config["cell"]))
 
     class Progress(ray.tune.Callback):
         """Instead of Tune's tables: one live line on a terminal (rewritten in place; failures
@@ -232,7 +237,7 @@ def _progress_callback(total: int, early_stopping: bool):
             self.setup()
 
         def setup(self, **info):
-            self.finished: set[str] = set()
+            self.finished: dict[str, int] = {}  # Tune trial id -> its cells
             self.failed = self.trained = 0
             self.seen_restored = False
             self.started = time.monotonic()
@@ -240,18 +245,19 @@ def _progress_callback(total: int, early_stopping: bool):
         def on_step_begin(self, iteration, trials, **info):
             if not self.seen_restored:  # trials a resumed sweep restores as already finished
                 self.seen_restored = True
-                self.finished |= {t.trial_id for t in trials
-                                  if t.status in (Trial.TERMINATED, Trial.ERROR)}
-                self.failed += sum(t.status == Trial.ERROR for t in trials)
+                self.finished.update({t.trial_id: size(t) for t in trials
+                                      if t.status in (Trial.TERMINATED, Trial.ERROR)})
+                self.failed += sum(size(t) for t in trials if t.status == Trial.ERROR)
 
         def _line(self, trials, trial, text: str, keep: bool = False) -> None:
-            self.finished.add(trial.trial_id)
+            self.finished[trial.trial_id] = size(trial)
             # Tune creates trials as slots free up: its list is not the whole sweep yet
-            total, finished = max(total_trials, len(trials)), len(self.finished)
-            running = sum(t.status == Trial.RUNNING and t.trial_id not in self.finished
-                          for t in trials)
+            total = max(total_cells, sum(size(t) for t in trials))
+            finished = sum(self.finished.values())
+            running = sum(size(t) for t in trials
+                          if t.status == Trial.RUNNING and t.trial_id not in self.finished)
             elapsed = time.monotonic() - self.started
-            # the ETA of the trials that trained here (not of those found done in the store)
+            # the ETA of the cells that trained here (not of those found done in the store)
             eta = f", eta {elapsed / self.trained * (total - finished):.0f}s" if self.trained else ""
             line = (f"[{finished}/{total} done, {running} running, {self.failed} failed, "
                     f"{total - finished - running} pending; {elapsed:.0f}s{eta}] "
@@ -269,7 +275,7 @@ def _progress_callback(total: int, early_stopping: bool):
             if result.get(ALREADY_DONE) or "test_acc" not in result:
                 text = "already completed (rows in the store)"
             else:
-                self.trained += 1
+                self.trained += size(trial)
                 if early_stopping and result.get("epoch", epochs - 1) < epochs - 1:
                     text = (f"stopped early after epoch {result['epoch']} "
                             f"(meta_acc {result['meta_acc']:.4f})")
@@ -282,8 +288,9 @@ def _progress_callback(total: int, early_stopping: bool):
             self._line(trials, trial, text)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.failed += 1
-            self.trained += 1
+            exc = _trial_exception(trial)  # a chain names the cells that failed
+            self.failed += len(exc.failed) if isinstance(exc, ChainFailed) else size(trial)
+            self.trained += size(trial)
             self._line(trials, trial, "FAILED (see `raymeta results failed`)", keep=True)
 
     return Progress()
@@ -596,7 +603,7 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
     trials = _tune_trials(cells, spec.resources)
     _reset_seen()
     watch, stopper = _storage_watch()
-    callbacks = [_progress_callback(len(trials), spec.early_stopping.scheduler != "none"), watch]
+    callbacks = [_progress_callback(len(cells), spec.early_stopping.scheduler != "none"), watch]
     scheduler = None
     stopping = spec.early_stopping
     if stopping.scheduler == "asha":
