@@ -114,6 +114,19 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
 
+@torch.no_grad()
+def average_buffers_(model: nn.Module) -> None:
+    """Average the floating-point buffers of `model` (BatchNorm running statistics) over the
+    workers, in place: after an epoch on different batches, every replica gets the same."""
+    world = rank_world()[1]
+    if world == 1:
+        return
+    stats = [b for b in model.buffers() if b.is_floating_point()]
+    all_reduce_sum_(stats)
+    for b in stats:
+        b.div_(world)
+
+
 def synchronize_batchnorm(model: nn.Module) -> nn.Module:
     """Replace every BatchNorm layer of `model` with a SyncedBatchNorm (same state)."""
     for name, child in model.named_children():

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from raymeta.data.noise import realized_transition
 from raymeta.errors import ConfigError
@@ -50,15 +49,8 @@ from raymeta.methods.base import (
     predict_split,
     scalar_sum_count,
 )
-from raymeta.methods.mlc import Transition, transition_metrics
+from raymeta.methods.mlc import Transition, corrected_ce, transition_metrics
 from raymeta.parallel import batch_mean
-
-
-def corrected_ce(logits: torch.Tensor, labels: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
-    """-log((softmax(logits) @ T)[y]) per sample; 0 for unlabeled samples (label -1)."""
-    noisy = (F.softmax(logits, dim=1) @ T.to(logits.dtype)).clamp_min(1e-12)
-    picked = noisy.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
-    return -picked.log() * (labels >= 0)
 
 
 def anchor_transition(probs: np.ndarray, percentile: float) -> np.ndarray:
@@ -141,7 +133,7 @@ class Forward(_Correction):
     name = "forward"
 
     def on_epoch_start(self, epoch, engine):
-        if self.cfg.oracle_t:
+        if self.cfg.oracle_t and epoch == 0:
             self.realized_transition()  # refuse at once, not after the first stage
         super().on_epoch_start(epoch, engine)
 

@@ -50,7 +50,7 @@ from raymeta.methods.base import (
     scalar_sum_count,
 )
 from raymeta.models import rebuild_model
-from raymeta.parallel import SyncedBatchNorm, all_reduce_sum_, batch_mean, rank_world
+from raymeta.parallel import SyncedBatchNorm, all_reduce_sum_, average_buffers_, batch_mean
 
 
 @torch.no_grad()
@@ -156,17 +156,11 @@ class Coteaching(Method):
             group.update(settings)
         return self.peer_optimizer
 
-    @torch.no_grad()
     def average_peer_batchnorm(self) -> None:
         """What the trainer does for the model at each epoch's end: workers saw different
         batches, so their running statistics are averaged (not needed when synchronised)."""
-        world = rank_world()[1]
-        if world == 1 or any(isinstance(m, SyncedBatchNorm) for m in self.peer.modules()):
-            return
-        stats = [b for b in self.peer.buffers() if b.is_floating_point()]
-        all_reduce_sum_(stats)
-        for b in stats:
-            b.div_(world)
+        if not any(isinstance(m, SyncedBatchNorm) for m in self.peer.modules()):
+            average_buffers_(self.peer)
 
     def epoch_metrics(self, data) -> dict:
         self.average_peer_batchnorm()

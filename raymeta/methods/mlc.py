@@ -21,6 +21,18 @@ from raymeta.methods.base import MetaMethod
 from raymeta.parallel import batch_mean
 
 
+def corrected_ce(logits: torch.Tensor, labels: torch.Tensor, T: torch.Tensor,
+                 on_logits: bool = False) -> torch.Tensor:
+    """Cross-entropy of the noisy labels under the noise matrix T, per sample: -log of
+    (softmax(logits) @ T)[y], or with `on_logits` (MLC's code) of softmax(logits @ T)[y];
+    0 for unlabeled samples (label -1)."""
+    if on_logits:
+        log_noisy = F.log_softmax(logits @ T, dim=1)
+    else:
+        log_noisy = (F.softmax(logits, dim=1) @ T).clamp_min(1e-12).log()
+    return F.nll_loss(log_noisy, labels.clamp_min(0), reduction="none") * (labels >= 0)
+
+
 class Transition(nn.Module):
     def __init__(self, num_classes: int):
         super().__init__()
@@ -35,11 +47,7 @@ class MLC(MetaMethod):
         self.meta_model = Transition(num_classes)
 
     def corrected_loss(self, logits: torch.Tensor, labels: torch.Tensor, T: torch.Tensor):
-        if self.cfg.t_on_logits:
-            log_noisy = F.log_softmax(logits @ T, dim=1)
-        else:
-            log_noisy = (F.softmax(logits, dim=1) @ T).clamp_min(1e-12).log()
-        losses = F.nll_loss(log_noisy, labels.clamp_min(0), reduction="none") * (labels >= 0)
+        losses = corrected_ce(logits, labels, T, on_logits=self.cfg.t_on_logits)
         if self.cfg.loss_reduction == "sum":
             return losses.sum()
         return batch_mean(losses, labels >= 0)

@@ -42,7 +42,7 @@ from raymeta.methods.base import Method, masked_sum_count, per_sample_ce, scalar
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
-from raymeta.parallel import all_reduce_sum_, rank_world, synchronize_batchnorm
+from raymeta.parallel import all_reduce_sum_, average_buffers_, rank_world, synchronize_batchnorm
 from raymeta.safeload import safe_load
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -400,15 +400,10 @@ class Trainer:
         self.pseudo_index = index.cpu()
         self.splits["meta"] = self.splits["train"].subset(index)
 
-    @torch.no_grad()
     def average_batchnorm_statistics(self) -> None:
         """Workers saw different batches: average their BatchNorm running statistics."""
-        if self.world == 1 or self.cfg.train.sync_batchnorm:  # synced: already the same
-            return
-        stats = [b for b in self.model.buffers() if b.is_floating_point()]
-        all_reduce_sum_(stats)
-        for b in stats:
-            b.div_(self.world)
+        if not self.cfg.train.sync_batchnorm:  # synced: already the same
+            average_buffers_(self.model)
 
     # ---------------------------------------------------------------------- bookkeeping
     def outcome(self, wall_seconds: float) -> dict:
