@@ -210,3 +210,30 @@ def test_a_store_that_refuses_writes_stops_the_sweep(tmp_path):
     listing = _cli("results", "failed", "--store", "store", cwd=tmp_path,
                    env={"RAYMETA_STATE_DIR": str(tmp_path / "state")})
     assert f"full/{first}: failed, its row not written to the store: StorageError" in listing.stdout
+
+
+@pytest.mark.ray
+def test_a_store_that_refuses_rows_stops_a_chain_of_cells(tmp_path):
+    """Chained cells (resources.cells_per_trial), no checkpoints: when the store refuses the
+    first cell's rows, the chain stops before a further cell starts; the driver names the
+    store and that cell, and counts the cells that never trained as not started."""
+    chained = (SWEEP.replace("train: {epochs: 2, batch_size: 128}",
+                             "train: {epochs: 2, batch_size: 128, checkpoint: false}")
+               .replace("seed: [0, 1, 2]", "seed: [0, 1, 2, 3, 4, 5]")
+               .replace("resources: {max_concurrent_trials: 1}",
+                        "resources: {max_concurrent_trials: 1, cells_per_trial: 6}"))
+    (tmp_path / "sweep.yaml").write_text(chained)
+    prefix, reason = _refusing_store(tmp_path / "store", tmp_path / "tune")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore",
+           "RAYMETA_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.run([*prefix, sys.executable, "-m", "raymeta.cli", "sweep", "sweep.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 1, out + err
+    store_path = str(tmp_path / "store")
+    assert f"the results store {store_path} refuses writes" in err and reason in err, err
+    listed = [line.split()[1] for line in err.splitlines()
+              if line.startswith("trial ") and "its row could not be written" in line]
+    assert listed == ["ce_digits_clean_s0_39bc6b8722"], err
+    assert "1 of 6 trials ran (0 completed, 1 failed), 5 not started" in err, err
+    assert listed[0] in (tmp_path / "state" / "unwritten-rows.jsonl").read_text()

@@ -74,5 +74,5 @@ def test_bench_sweep_compares_the_driver_with_bare_tune():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ray tune, bare")
             or line.startswith("| raymeta sweep")]
-    assert len(rows) == 3 and "raymeta's overhead per trial over Tune's own" in proc.stdout
+    assert len(rows) == 3 and "raymeta sweep: overhead per trial over Tune's own" in proc.stdout
     assert rows[2].startswith("| raymeta sweep, cells_per_trial 4 |")

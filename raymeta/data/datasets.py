@@ -7,6 +7,7 @@ read the official release formats through `raymeta.data.formats`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def load_raw(cfg: DatasetConfig) -> RawData:
     if cfg.name == "digits":
         return _digits(cfg.test_fraction)
     if cfg.name == "synthetic":
-        return _synthetic(cfg)
+        return _synthetic(cfg.synthetic_classes, cfg.synthetic_features, cfg.synthetic_samples,
+                          cfg.test_fraction)
     if cfg.root is None and not cfg.download:
         raise ConfigError(f"dataset.root is required for dataset '{cfg.name}': set it to the folder "
                           f"that holds the files (or set dataset.download: true)")
@@ -82,6 +84,17 @@ def _fixed_split(y: np.ndarray, test_fraction: float):
     return train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=0)
 
 
+def _read_only(raw: RawData) -> RawData:
+    """A RawData that is cached and shared by the runs of a process (a chain of cells, a test
+    session) must not be changed by one of them: its arrays refuse writes."""
+    for array in (raw.train_x, raw.train_y, raw.test_x, raw.test_y):
+        array.flags.writeable = False
+    return raw
+
+
+# Digits and synthetic need no files, so they are a function of their settings alone: loaded
+# once per process (their parsing and stratified split cost more than a short cell trains).
+@functools.lru_cache(maxsize=4)
 def _digits(test_fraction: float) -> RawData:
     from sklearn.datasets import load_digits
 
@@ -90,18 +103,18 @@ def _digits(test_fraction: float) -> RawData:
     x = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
     y = digits.target.astype(np.int64)
     train, test = _fixed_split(y, test_fraction)
-    return RawData(x[train], y[train], x[test], y[test], 10, [str(d) for d in range(10)])
+    return _read_only(RawData(x[train], y[train], x[test], y[test], 10, [str(d) for d in range(10)]))
 
 
-def _synthetic(cfg: DatasetConfig) -> RawData:
+@functools.lru_cache(maxsize=4)
+def _synthetic(k: int, d: int, n: int, test_fraction: float) -> RawData:
     """Gaussian blobs, one per class, fixed by a constant seed (the trial seed picks the noise)."""
     rng = np.random.default_rng(1234)
-    k, d, n = cfg.synthetic_classes, cfg.synthetic_features, cfg.synthetic_samples
     centers = rng.normal(0.0, 2.0, size=(k, d))
     y = np.arange(n) % k
     x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)[:, :, None, None]  # (N, F, 1, 1)
-    train, test = _fixed_split(y, cfg.test_fraction)
-    return RawData(x[train], y[train], x[test], y[test], k, [f"class{c}" for c in range(k)])
+    train, test = _fixed_split(y, test_fraction)
+    return _read_only(RawData(x[train], y[train], x[test], y[test], k, [f"class{c}" for c in range(k)]))
 
 
 def _clothing1m(root: Path, size: int) -> RawData:

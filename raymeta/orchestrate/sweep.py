@@ -36,8 +36,8 @@ from raymeta.orchestrate.grid import Cell, pack_cells
 from raymeta.orchestrate.owner import own_sweep
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
 from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row, write_failed_rows
-from raymeta.results.store import (FINISHED, completed_digest, display_store, filesystem,
-                                   record_unwritten, redact, resolve_store, storage_error,
+from raymeta.results.store import (FINISHED, completed_digest, completed_digests, display_store,
+                                   filesystem, record_unwritten, redact, resolve_store, storage_error,
                                    store_join, table_dir, write_bytes, write_trial)
 from raymeta.threads import use_threads
 from raymeta.train.packed import pack_digest
@@ -78,9 +78,11 @@ def _tune_trial(config: dict) -> None:
             ray.tune.report({ALREADY_DONE: True})
         return
     failed, trained = [], 0
+    finished = (None if config.get("rerun") else  # one look at the store for the whole chain
+                completed_digests(config["store"], config["sweep"], [c["trial_id"] for c in cell["chain"]]))
     for link in cell["chain"]:
         try:
-            trained += _train_cell(config, link)
+            trained += _train_cell(config, link, finished)
         except Exception as err:  # its failed row is written; the next cells still train
             if isinstance(err, StorageError) or is_storage_failure(err):
                 raise  # the store refuses writes: every later cell would fail the same way
@@ -91,8 +93,9 @@ def _tune_trial(config: dict) -> None:
         ray.tune.report({ALREADY_DONE: True})
 
 
-def _train_cell(config: dict, cell: dict) -> bool:
-    """Train one cell or pack of seeds; False when its finished rows were already in the store."""
+def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None = None) -> bool:
+    """Train one cell or pack of seeds; False when its finished rows were already in the store
+    (`finished`: their digests, when the caller has looked them up already)."""
     import ray
     import ray.tune
 
@@ -100,9 +103,11 @@ def _train_cell(config: dict, cell: dict) -> bool:
     cfgs = [ExperimentConfig.model_validate(c["experiment"]) for c in pack]
     trial_ids = [c["trial_id"] for c in pack]
     resources = ResourcesConfig.model_validate(config["resources"])
-    if not config.get("rerun") and all(completed_digest(config["store"], config["sweep"], i)
-                                       == c.digest() for i, c in zip(trial_ids, cfgs)):
-        return False  # it finished before the sweep was interrupted: its rows are in the store
+    if not config.get("rerun"):
+        if finished is None:
+            finished = completed_digests(config["store"], config["sweep"], trial_ids)
+        if all(finished.get(i) == c.digest() for i, c in zip(trial_ids, cfgs)):
+            return False  # it finished before the sweep was interrupted: its rows are in the store
     if resources.workers_per_trial > 1:
         from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -373,8 +378,12 @@ def _note_trial_error(trial) -> None:
     sweep."""
     cell = trial.config["cell"]
     exc = _trial_exception(trial)
-    ids = ([trial_id for trial_id, _ in exc.failed] if isinstance(exc, ChainFailed)
-           else [c["trial_id"] for c in cells_of(cell)])
+    if isinstance(exc, ChainFailed):
+        ids = [trial_id for trial_id, _ in exc.failed]
+    elif "chain" in cell and isinstance(exc, StorageError) and exc.unwritten:
+        ids = [trial_id for _, trial_id, _ in exc.unwritten]  # the chain's later cells never started
+    else:
+        ids = [c["trial_id"] for c in cells_of(cell)]
     text = "" if exc is None else (str(exc) if isinstance(exc, StorageError)
                                    else f"{type(exc).__name__}: {exc}")
     _SEEN.setdefault("errored", {})[cell["trial_id"]] = (ids, text, trial.trial_id)

@@ -239,13 +239,26 @@ def write_trial(store: str, sweep: str, trial_id: str, row: dict, curves: list[d
 def completed_digest(store: str, sweep: str, trial_id: str) -> str | None:
     """The config digest of a trial's finished row (completed or collapsed), or None (no row,
     failed, unreadable)."""
+    return completed_digests(store, sweep, [trial_id])[trial_id]
+
+
+def completed_digests(store: str, sweep: str, trial_ids: list[str]) -> dict[str, str | None]:
+    """completed_digest of several trials, with one look at the store for which have a row
+    (a chain of cells checks its cells at once; most have none yet)."""
     fs, _ = filesystem(store)
-    path = f"{table_dir(store, 'trials', sweep)}/{trial_id}.parquet"
-    try:
-        row = pq.read_table(path, filesystem=fs, columns=["status", "config_digest"]).to_pylist()
-    except (OSError, ValueError, KeyError, pa.ArrowInvalid):
-        return None
-    return row[0]["config_digest"] if row and row[0]["status"] in FINISHED else None
+    folder = table_dir(store, "trials", sweep)
+    found = dict.fromkeys(trial_ids)
+    infos = fs.get_file_info([f"{folder}/{trial_id}.parquet" for trial_id in trial_ids])
+    for trial_id, info in zip(trial_ids, infos):
+        if info.type != pafs.FileType.File:
+            continue
+        try:
+            row = pq.read_table(info.path, filesystem=fs, columns=["status", "config_digest"]).to_pylist()
+        except (OSError, ValueError, KeyError, pa.ArrowInvalid):
+            continue
+        if row and row[0]["status"] in FINISHED:
+            found[trial_id] = row[0]["config_digest"]
+    return found
 
 
 UNWRITTEN_FILE = "unwritten-rows.jsonl"
