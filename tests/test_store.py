@@ -214,9 +214,10 @@ def test_a_store_that_refuses_writes_stops_the_sweep(tmp_path):
 
 @pytest.mark.ray
 def test_a_store_that_refuses_rows_stops_a_chain_of_cells(tmp_path):
-    """Chained cells (resources.cells_per_trial), no checkpoints: when the store refuses the
-    first cell's rows, the chain stops before a further cell starts; the driver names the
-    store and that cell, and counts the cells that never trained as not started."""
+    """Chained cells (resources.cells_per_trial), no checkpoints, write their rows on a thread
+    while the next cell trains: when the store refuses the first cell's rows, the chain stops
+    before a further cell starts; the driver names the store and the cells whose rows were
+    refused, and counts the cells that never trained as not started."""
     chained = (SWEEP.replace("train: {epochs: 2, batch_size: 128}",
                              "train: {epochs: 2, batch_size: 128, checkpoint: false}")
                .replace("seed: [0, 1, 2]", "seed: [0, 1, 2, 3, 4, 5]")
@@ -234,6 +235,9 @@ def test_a_store_that_refuses_rows_stops_a_chain_of_cells(tmp_path):
     assert f"the results store {store_path} refuses writes" in err and reason in err, err
     listed = [line.split()[1] for line in err.splitlines()
               if line.startswith("trial ") and "its row could not be written" in line]
-    assert listed == ["ce_digits_clean_s0_39bc6b8722"], err
-    assert "1 of 6 trials ran (0 completed, 1 failed), 5 not started" in err, err
-    assert listed[0] in (tmp_path / "state" / "unwritten-rows.jsonl").read_text()
+    # the second cell may have trained while the first one's rows were being refused
+    assert listed[:1] == ["ce_digits_clean_s0_39bc6b8722"] and len(listed) <= 2, err
+    assert f"{len(listed)} of 6 trials ran (0 completed, {len(listed)} failed), " \
+           f"{6 - len(listed)} not started" in err, err
+    record = (tmp_path / "state" / "unwritten-rows.jsonl").read_text()
+    assert all(trial_id in record for trial_id in listed)

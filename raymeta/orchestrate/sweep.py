@@ -24,6 +24,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -80,22 +82,71 @@ def _tune_trial(config: dict) -> None:
     failed, trained = [], 0
     finished = (None if config.get("rerun") else  # one look at the store for the whole chain
                 completed_digests(config["store"], config["sweep"], [c["trial_id"] for c in cell["chain"]]))
-    for link in cell["chain"]:
-        try:
-            trained += _train_cell(config, link, finished)
-        except Exception as err:  # its failed row is written; the next cells still train
-            if isinstance(err, StorageError) or is_storage_failure(err):
-                raise  # the store refuses writes: every later cell would fail the same way
-            failed.append((link["trial_id"], f"{type(err).__name__}: {err}"))
+    # each cell's rows are written on a thread while the next cell trains
+    with _RowWriter() as writer:
+        for link in cell["chain"]:
+            failed += writer.settle()
+            try:
+                trained += _train_cell(config, link, finished, write=writer.later(link["trial_id"]))
+            except Exception as err:  # its failed row is written; the next cells still train
+                if _refused(err):  # the store refuses writes: every later cell would fail too
+                    raise writer.refusal(err) from err
+                failed.append((link["trial_id"], f"{type(err).__name__}: {err}"))
+        failed += writer.settle(wait=True)
     if failed:
         raise ChainFailed(failed, len(cell["chain"]))
     if not trained:
         ray.tune.report({ALREADY_DONE: True})
 
 
-def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None = None) -> bool:
+def _refused(err: BaseException | None) -> bool:
+    return isinstance(err, StorageError) or (err is not None and is_storage_failure(err))
+
+
+class _RowWriter:
+    """Writes the finished rows of a chain's cells on one thread while the next cell trains
+    (on a busy machine a write that waits for the disk can cost a cell's slot several ms).
+    `settle` takes in the writes that have ended and gives the (trial id, error) of those that
+    failed; when the store refused one, it raises one StorageError naming every cell whose
+    rows the store refused, once the writes still running have ended."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="raymeta-rows")
+        self.writes: list[tuple[str, Future]] = []
+
+    def __enter__(self) -> _RowWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+
+    def later(self, trial_id: str) -> Callable:
+        """`run_trial`'s write: run it on the thread."""
+        return lambda finish: self.writes.append((trial_id, self.pool.submit(finish)))
+
+    def settle(self, wait: bool = False) -> list[tuple[str, str]]:
+        ended = [(t, f) for t, f in self.writes if wait or f.done()]
+        self.writes = [w for w in self.writes if w not in ended]
+        errors = [(t, f.exception()) for t, f in ended if f.exception() is not None]
+        if refused := [e for _, e in errors if _refused(e)]:
+            raise self.refusal(*refused)
+        return [(t, f"{type(e).__name__}: {e}") for t, e in errors]
+
+    def refusal(self, *errors: BaseException) -> StorageError:
+        """One StorageError for the store's refusals: these, and those of the writes still
+        running (waited for)."""
+        running, self.writes = self.writes, []
+        errors += tuple(f.exception() for _, f in running if _refused(f.exception()))
+        first = errors[0]
+        return StorageError(str(first), store=getattr(first, "store", ""),
+                            unwritten=tuple(u for e in errors for u in getattr(e, "unwritten", ())))
+
+
+def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None = None,
+                write: Callable | None = None) -> bool:
     """Train one cell or pack of seeds; False when its finished rows were already in the store
-    (`finished`: their digests, when the caller has looked them up already)."""
+    (`finished`: their digests, when the caller has looked them up already). `write`: how a
+    single cell's finished rows are written (`run_trial`'s)."""
     import ray
     import ray.tune
 
@@ -146,7 +197,7 @@ def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None
         if "pack" in cell:
             run_packed_trial(cfgs, trial_ids, **where)
         else:
-            run_trial(cfgs[0], trial_id=trial_ids[0], **where)
+            run_trial(cfgs[0], trial_id=trial_ids[0], write=write, **where)
     return True
 
 

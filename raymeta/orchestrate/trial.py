@@ -12,6 +12,7 @@ import traceback
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from raymeta.config import ExperimentConfig
 from raymeta.errors import StorageError, is_storage_failure
@@ -99,21 +100,33 @@ def _written(store: str, sweep: str, trial_id: str, write: Callable[[], dict]) -
                            unwritten=((sweep, trial_id, str(err)),)) from err
 
 
-def write_completed(store: str, sweep: str, trial_id: str, row: dict, result) -> dict:
+def completed_row(row: dict, result) -> dict:
     """The row of a run that trained to its end: `completed`, or `collapsed` (with the epoch
-    and the reason) when it trained to nothing (`raymeta.train.health`)."""
+    and the reason) when it trained to nothing (`raymeta.train.health`); finished now."""
     status, error = "completed", ""
     if (found := collapse(result.curves, result.outcome["num_classes"])) is not None:
         status, error = "collapsed", f"collapsed at epoch {found[0]}: {found[1]}"
-    row = {**row, "status": status, "error": error, **result.outcome, "finished_at": _now()}
-    write_trial(store, sweep, trial_id, row, result.curves)
+    return {**row, "status": status, "error": error, **result.outcome, "finished_at": _now()}
+
+
+def write_finished(store: str, sweep: str, trial_id: str, row: dict, curves: list[dict]) -> dict:
+    """Write a finished run's row (`completed_row`) and its curves; the row."""
+    write_trial(store, sweep, trial_id, row, curves)
     return row
+
+
+def write_completed(store: str, sweep: str, trial_id: str, row: dict, result) -> dict:
+    """Write the completed (or collapsed) row of a finished run, and its curves."""
+    return write_finished(store, sweep, trial_id, completed_row(row, result), result.curves)
 
 
 def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str,
               on_epoch_end: Callable | None = None, checkpoint_dir: str | Path | None = None,
-              resume_from: str | Path | None = None, extra: dict | None = None) -> dict:
-    """Train `cfg` and write its trial row and curves; a failure writes a failed row and re-raises."""
+              resume_from: str | Path | None = None, extra: dict | None = None,
+              write: Callable[[Callable[[], dict]], Any] | None = None) -> Any:
+    """Train `cfg` and write its trial row and curves; a failure writes a failed row and re-raises.
+    `write`, when given, runs the write of the finished rows (a chain of cells hands it to a
+    thread) and its result is returned; by default the rows are written here, and returned."""
     row = trial_row(cfg, sweep, extra)
     trainer = None
     try:
@@ -124,8 +137,10 @@ def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str,
         print(traceback.format_exc(), file=sys.stderr)
         write_failed_rows(store, sweep, [(trial_id, row, trainer.curves if trainer else [])], err)
         raise
-    return _written(store, sweep, trial_id,
-                    lambda: write_completed(store, sweep, trial_id, row, result))
+    finish = functools.partial(  # the row is finished now, whenever its write runs
+        _written, store, sweep, trial_id,
+        functools.partial(write_finished, store, sweep, trial_id, completed_row(row, result), result.curves))
+    return write(finish) if write is not None else finish()
 
 
 def run_packed_trial(cfgs: list[ExperimentConfig], trial_ids: list[str], *, store: str, sweep: str,
