@@ -177,18 +177,25 @@ def _refusing_store(store, tune) -> tuple[list[str], str]:
     pytest.skip("no way to make a store refuse writes here (root without unshare)")
 
 
+def _sweep_on_a_refusing_store(tmp_path, sweep: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`raymeta sweep` of this sweep file's text, its store `store` refusing writes
+    (`_refusing_store`); the finished process and the error the store gives."""
+    (tmp_path / "sweep.yaml").write_text(sweep)
+    prefix, reason = _refusing_store(tmp_path / "store", tmp_path / "tune")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore",
+           "RAYMETA_STATE_DIR": str(tmp_path / "state")}
+    proc = subprocess.run([*prefix, sys.executable, "-m", "raymeta.cli", "sweep", "sweep.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    return proc, reason
+
+
 @pytest.mark.ray
 def test_a_store_that_refuses_writes_stops_the_sweep(tmp_path):
     """The first trial's checkpoint write fails (disk full): the trial ends at once as a
     storage failure, not retried, no further trial starts, its failed row cannot be written
     either; the driver says so naming the store and the error, lists the trial, exits 1, and
     the next run's preflight reports the trial again."""
-    (tmp_path / "sweep.yaml").write_text(SWEEP)
-    prefix, reason = _refusing_store(tmp_path / "store", tmp_path / "tune")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore",
-           "RAYMETA_STATE_DIR": str(tmp_path / "state")}
-    proc = subprocess.run([*prefix, sys.executable, "-m", "raymeta.cli", "sweep", "sweep.yaml"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    proc, reason = _sweep_on_a_refusing_store(tmp_path, SWEEP)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 1, out + err
     store_path = str(tmp_path / "store")
@@ -223,12 +230,7 @@ def test_a_store_that_refuses_rows_stops_a_chain_of_cells(tmp_path):
                .replace("seed: [0, 1, 2]", "seed: [0, 1, 2, 3, 4, 5]")
                .replace("resources: {max_concurrent_trials: 1}",
                         "resources: {max_concurrent_trials: 1, cells_per_trial: 6}"))
-    (tmp_path / "sweep.yaml").write_text(chained)
-    prefix, reason = _refusing_store(tmp_path / "store", tmp_path / "tune")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONWARNINGS": "ignore",
-           "RAYMETA_STATE_DIR": str(tmp_path / "state")}
-    proc = subprocess.run([*prefix, sys.executable, "-m", "raymeta.cli", "sweep", "sweep.yaml"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    proc, reason = _sweep_on_a_refusing_store(tmp_path, chained)
     out, err = proc.stdout, proc.stderr
     assert proc.returncode == 1, out + err
     store_path = str(tmp_path / "store")

@@ -89,7 +89,7 @@ def _tune_trial(config: dict) -> None:
             try:
                 trained += _train_cell(config, link, finished, write=writer.later(link["trial_id"]))
             except Exception as err:  # its failed row is written; the next cells still train
-                if _refused(err):  # the store refuses writes: every later cell would fail too
+                if is_storage_failure(err):  # the store refuses writes: every later cell would too
                     raise writer.refusal(err) from err
                 failed.append((link["trial_id"], f"{type(err).__name__}: {err}"))
         failed += writer.settle(wait=True)
@@ -97,10 +97,6 @@ def _tune_trial(config: dict) -> None:
         raise ChainFailed(failed, len(cell["chain"]))
     if not trained:
         ray.tune.report({ALREADY_DONE: True})
-
-
-def _refused(err: BaseException | None) -> bool:
-    return isinstance(err, StorageError) or (err is not None and is_storage_failure(err))
 
 
 class _RowWriter:
@@ -127,8 +123,8 @@ class _RowWriter:
     def settle(self, wait: bool = False) -> list[tuple[str, str]]:
         ended = [(t, f) for t, f in self.writes if wait or f.done()]
         self.writes = [w for w in self.writes if w not in ended]
-        errors = [(t, f.exception()) for t, f in ended if f.exception() is not None]
-        if refused := [e for _, e in errors if _refused(e)]:
+        errors = [(t, e) for t, f in ended if (e := f.exception()) is not None]
+        if refused := [e for _, e in errors if is_storage_failure(e)]:
             raise self.refusal(*refused)
         return [(t, f"{type(e).__name__}: {e}") for t, e in errors]
 
@@ -136,7 +132,8 @@ class _RowWriter:
         """One StorageError for the store's refusals: these, and those of the writes still
         running (waited for)."""
         running, self.writes = self.writes, []
-        errors += tuple(f.exception() for _, f in running if _refused(f.exception()))
+        errors += tuple(e for _, f in running if (e := f.exception()) is not None
+                        and is_storage_failure(e))
         first = errors[0]
         return StorageError(str(first), store=getattr(first, "store", ""),
                             unwritten=tuple(u for e in errors for u in getattr(e, "unwritten", ())))
@@ -438,7 +435,7 @@ def _note_trial_error(trial) -> None:
     text = "" if exc is None else (str(exc) if isinstance(exc, StorageError)
                                    else f"{type(exc).__name__}: {exc}")
     _SEEN.setdefault("errored", {})[cell["trial_id"]] = (ids, text, trial.trial_id)
-    if exc is not None and (isinstance(exc, StorageError) or is_storage_failure(exc)):
+    if exc is not None and is_storage_failure(exc):
         _storage_failed(cell["trial_id"], exc, getattr(exc, "unwritten", ()))
 
 
