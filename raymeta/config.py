@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -26,6 +26,10 @@ NOISE_TYPES = ("none", "uniform", "symmetric", "flip_random", "flip_to_one", "pa
 
 class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    plain_ce_until: ClassVar[str | None] = None
+    """method configs: the field holding the epoch before which the method trains plain
+    cross-entropy (its own step starts at that epoch); checked against train.epochs"""
 
 
 # ---------------------------------------------------------------------------------- data
@@ -248,6 +252,7 @@ class MLNTConfig(_MetaConfig):
     a step on them still agrees with a mean teacher."""
 
     name: Literal["mlnt"] = "mlnt"
+    plain_ce_until: ClassVar[str | None] = "start_epoch"
     num_fast: int = Field(10, ge=1)
     """M, the number of synthetic label sets per step"""
     perturb_ratio: float = Field(0.5, gt=0.0, le=1.0)
@@ -279,6 +284,7 @@ class MetaLabelNetConfig(_MetaConfig):
     generates soft labels, trained through the virtual step."""
 
     name: Literal["metalabelnet"] = "metalabelnet"
+    plain_ce_until: ClassVar[str | None] = "warmup_epochs"
     warmup_epochs: int = Field(44, ge=1)
     """plain cross-entropy epochs; the feature encoder is frozen from the model at their end"""
     virtual_lr: float | None = Field(1.0, gt=0.0)
@@ -332,6 +338,8 @@ class SCEConfig(_Config):
 
 class _CorrectionConfig(_Config):
     """Settings of the two-stage loss corrections: train CE, estimate T, train corrected."""
+
+    plain_ce_until: ClassVar[str | None] = "estimate_epoch"
 
     estimate_epoch: int = Field(10, ge=1)
     """cross-entropy epochs before T is estimated; the corrected loss trains from this epoch
@@ -601,6 +609,15 @@ class ExperimentConfig(_Config):
 
     @model_validator(mode="after")
     def _check(self) -> ExperimentConfig:
+        # A method whose own step would start after the last epoch trains plain CE throughout,
+        # and its rows would pass for the method's results.
+        field = self.method.plain_ce_until
+        start = getattr(self.method, field) if field else None
+        if start is not None and start >= self.train.epochs:
+            raise ValueError(f"method.{field} ({start}) is not below train.epochs "
+                             f"({self.train.epochs}): {self.method.name} would train plain "
+                             f"cross-entropy throughout and never run its own step; raise "
+                             f"train.epochs above {start}, or lower method.{field}")
         warmup = self.meta_set.pseudo.warmup_epochs
         if self.meta_set.source == "pseudo" and warmup >= self.train.epochs:
             raise ValueError(f"meta_set.pseudo.warmup_epochs ({warmup}) leaves no epoch for the "

@@ -40,7 +40,7 @@ def train_epochs(t: Trainer, epochs: int) -> None:
 
 
 def test_corrected_loss_is_the_log_of_the_noisy_class_probability():
-    t = trainer({"name": "forward"})
+    t = trainer({"name": "forward", "estimate_epoch": 1})
     method = t.method
     with torch.no_grad():
         method.T.copy_(torch.eye(10))
@@ -147,7 +147,7 @@ def test_oracle_uses_the_realized_matrix():
 
 
 def test_oracle_refuses_without_true_labels():
-    t = trainer({"name": "forward", "oracle_t": True})
+    t = trainer({"name": "forward", "estimate_epoch": 1, "oracle_t": True})
     t.splits["train"].y_clean[::2] = -1  # as for real noise: some true labels unknown
     with pytest.raises(ConfigError, match="oracle_t needs the true label"):
         t.fit()  # at once, not after the cross-entropy stage

@@ -90,7 +90,7 @@ def test_packed_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("sections, message", [
-    ({"method": {"name": "mlnt"}}, "train mlnt one seed per trial"),
+    ({"method": {"name": "mlnt", "start_epoch": 1}}, "train mlnt one seed per trial"),
     ({"method": {"name": "mwnet", "famus": True}}, "do not combine with method.famus"),
 ])
 def test_what_cannot_be_packed_is_refused_with_the_fix(sections, message):
