@@ -76,3 +76,28 @@ def test_bench_sweep_compares_the_driver_with_bare_tune():
             or line.startswith("| raymeta sweep")]
     assert len(rows) == 3 and "raymeta sweep: overhead per trial over Tune's own" in proc.stdout
     assert rows[2].startswith("| raymeta sweep, cells_per_trial 4 |")
+    assert "raymeta sweep, cells_per_trial 4: slots idle" in proc.stdout and "between the cells of a chain" in proc.stdout
+
+
+def test_fidelity_table_sets_each_fast_setting_beside_its_full_method():
+    import importlib.util
+
+    import polars as pl
+
+    spec = importlib.util.spec_from_file_location("fidelity_table", ROOT / "tools" / "fidelity_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    rows = [  # (method, famus, MLC's code form, seed, noise rate, final accuracy)
+        ("mwnet", True, False, 0, 0.4, 0.97), ("mwnet", True, False, 1, 0.4, 0.98),
+        ("mwnet", False, False, 0, 0.4, 0.99), ("mwnet", False, False, 0, 0.2, 0.10),
+        ("mlc", True, True, 0, 0.4, 0.96), ("mlc", False, True, 0, 0.4, 0.95),
+        ("mlc", False, False, 0, 0.4, 0.50)]  # MLC as the paper writes it: not the code form's full row
+    trials = pl.DataFrame([{
+        "config_digest": f"d{i}", "trial_id": f"t{i}", "status": "completed", "finished_at": "x",
+        "noise.type": "uniform", "noise.rate": rate, "method.name": name, "method": name,
+        "method.famus": famus, "method.t_on_logits": code, "method.reset_t_each_step": code,
+        "final_test_acc": acc, "seed": seed} for i, (name, famus, code, seed, rate, acc) in enumerate(rows)])
+    lines = tool.cheap_table(trials, "final").splitlines()
+    assert "| MW-Net | uniform 40% | 97.50 ± 0.71 (2) | 99.00 ± 0.00 (1) | -1.50 |" in lines
+    assert "| MLC (code) | uniform 40% | 96.00 ± 0.00 (1) | 95.00 ± 0.00 (1) | +1.00 |" in lines
+    assert len(lines) == 4  # header, rule, the two methods' rows

@@ -200,7 +200,8 @@ def main() -> None:
     parser.add_argument("--meta-interval", type=int, default=1,
                         help="meta methods update their meta-model every N steps")
     parser.add_argument("--variants", default="{}",
-                        help="JSON {label: {method: {...}, famus: {...}}}: more variants to time")
+                        help="JSON {label: {method: {...}, famus: {...}, meta_batch: N}}: more "
+                             "variants to time (meta_batch: that variant's own meta batch size)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as train.bf16")
     parser.add_argument("--epoch", type=int, default=0, metavar="N",
@@ -242,8 +243,10 @@ def main() -> None:
             variants[-1]["engine"].plain_model = torch.compile(variants[-1]["engine"].model)
         if name != "ce" and not args.no_famus:
             variants.append(make_variant(name, True, args))
-    variants += [build_variant(label, spec["method"], spec.get("famus", {}), args)
-                 for label, spec in extra.items()]
+    for label, spec in extra.items():
+        variants.append(build_variant(label, spec["method"], spec.get("famus", {}), args))
+        if "meta_batch" in spec:  # this variant's own clean meta batch size
+            variants[-1]["meta_batch"] = random_batch(spec["meta_batch"], args, 2)
     variants.append(data_variant(args))
     time_side_by_side(variants, random_batch(args.batch, args, 1),
                       random_batch(args.meta_batch, args, 2), args)

@@ -93,10 +93,21 @@ def describe(label: str, spans: list[tuple[float, float, str]], seconds: float, 
             full += min(t, last_start) - busy
         running += step
         busy = t
-    window = last_start - min(a for a, _, _ in spans)
+    first = min(a for a, _, _ in spans)
+    window = last_start - first
+    # where the slots idle: between the cells of a chain, or between Tune trials (the rest)
+    clip = lambda t: min(max(t, first), last_start)  # noqa: E731
+    busy_time = sum(clip(b) - clip(a) for a, b, _ in spans)
+    by_trial: dict[str, list[tuple[float, float]]] = {}
+    for a, b, trial in spans:
+        by_trial.setdefault(trial, []).append((a, b))
+    within = sum(clip(nxt[0]) - clip(prev[1]) for cells in by_trial.values()
+                 for prev, nxt in zip(sorted(cells), sorted(cells)[1:]))
+    idle = slots * window - busy_time
     return {"label": label, "trials": len(spans), "seconds": seconds,
             "per_minute": 60 * len(spans) / seconds, "blocks": blocks,
-            "occupancy": full / window if window > 0 else 1.0}
+            "occupancy": full / window if window > 0 else 1.0,
+            "idle": idle, "idle_within_chains": within}
 
 
 def main() -> None:
@@ -136,6 +147,9 @@ def main() -> None:
         gaps = " ".join(f"{g:.3f}" for g in r["blocks"])
         print(f"| {r['label']} | {r['per_minute']:.0f} | {r['seconds'] / r['trials']:.3f} | "
               f"{100 * r['occupancy']:.0f}% | {gaps} |")
+    for r in results:
+        print(f"\n{r['label']}: slots idle {r['idle']:.1f} slot-s while trials were pending, "
+              f"{r['idle_within_chains']:.1f} of them between the cells of a chain")
     bare = results[0]
     for ours in results[1:]:
         print(f"\n{ours['label']}: overhead per trial over Tune's own "

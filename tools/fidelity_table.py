@@ -8,6 +8,9 @@ mnist-mlc-table1-baselines (Forward, GLC) and mnist-coteaching; --sweep picks ot
 and GLC train in two stages, the first of which is CE's run: read their final accuracy (their
 peak may be the first stage's).
 
+`--cheap` prints instead each meta method's fast setting (FaMUS on the classifier only,
+sweeps/mnist-cheap-meta.yaml) beside the full method on the 40% column (issue 16, part 2).
+
 Each cell: our mean ± std over seeds (n) / the paper's number (ours minus the paper's).
 MLC's protocol reports the peak test accuracy (the best of all evaluations; its code keeps
 the best checkpoint on the test set), so `--metric peak` is the comparable one; `final`
@@ -39,7 +42,7 @@ PAPER = {  # MLC Table 1, MNIST, test accuracy %: noise -> the 10/20/30/40% cell
             "flip_to_one": (97.86, 97.45, 96.53, 95.47)},
     "coteaching": {"uniform": (None, 97.25, None, None), "flip_to_one": (None, None, None, 87.63)},
 }
-LABELS = {"ce": "CE", "l2r": "L2R (LRE)", "mlc": "MLC", "mlc-code": "MLC (code)",
+LABELS = {"ce": "CE", "mwnet": "MW-Net", "metalabelnet": "MetaLabelNet", "l2r": "L2R (LRE)", "mlc": "MLC", "mlc-code": "MLC (code)",
           "forward": "Forward", "glc": "GLC", "coteaching": "Co-teaching"}
 SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-code", "mnist-mlc-table1-baselines",
           "mnist-coteaching")
@@ -86,23 +89,56 @@ def table(trials: pl.DataFrame, metric: str) -> str:
     return "\n".join(lines)
 
 
+CHEAP_SWEEPS = ("mnist-cheap-meta", "mnist-mlc-table1", "mnist-mlc-table1-code")
+
+
+def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
+    """Each meta method's fast setting (method.famus true) beside the full method, at `rate`."""
+    column = query.METRICS.get(metric, metric)
+    done = query.unique_runs(trials, quiet=True).filter(
+        (pl.col("status") == "completed") & ((pl.col("noise.rate") - rate).abs() < 1e-9))
+    # the base name keeps MLC's code form apart; the FaMUS flag tells fast from full
+    done = with_variant(done.with_columns(pl.col("method.name").alias("method"))).with_columns(
+        pl.col("method.famus").fill_null(False).alias("fast"))
+    stats = (done.group_by("method", "fast", "noise.type")
+             .agg((pl.col(column).mean() * 100).alias("mean"), (pl.col(column).std() * 100).alias("std"),
+                  pl.len().alias("n")))
+    found = {(r["method"], r["fast"], r["noise.type"]): r for r in stats.iter_rows(named=True)}
+    text = lambda r: "—" if r is None else f"{r['mean']:.2f} ± {r['std'] or 0:.2f} ({r['n']})"  # noqa: E731
+    lines = ["| method | noise | fast | full | fast − full |", "|---|---|---|---|---|"]
+    for method in ("mwnet", "l2r", "mlc-code", "metalabelnet"):
+        for noise in NOISE:
+            fast, full = found.get((method, True, noise)), found.get((method, False, noise))
+            if fast is None and full is None:
+                continue
+            diff = "" if fast is None or full is None else f"{fast['mean'] - full['mean']:+.2f}"
+            lines.append(f"| {LABELS.get(method, method)} | {noise} {int(100 * rate)}% | "
+                         f"{text(fast)} | {text(full)} | {diff} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results")
     parser.add_argument("--sweep", action="append", help=f"a sweep to read (repeat; default: {', '.join(SWEEPS)})")
     parser.add_argument("--metric", default="peak", help="peak | final | best_meta")
+    parser.add_argument("--cheap", action="store_true",
+                        help=f"each meta method's fast setting beside the full method, 40%% column "
+                             f"(default sweeps: {', '.join(CHEAP_SWEEPS)})")
     args = parser.parse_args()
-    print(f"{args.metric} test accuracy, ours mean ± std (seeds) / paper, ours - paper; "
-          f"MNIST (official files)\n")
+    print(f"{args.metric} test accuracy, mean ± std (seeds)"
+          + (", fast setting and full method" if args.cheap else " / paper, ours - paper")
+          + "; MNIST (official files)\n")
     frames = []
-    for name in args.sweep or SWEEPS:
+    for name in args.sweep or (CHEAP_SWEEPS if args.cheap else SWEEPS):
         try:
             frames.append(query.load(args.store, "trials", name))
         except ConfigError as error:  # a sweep not started yet: its rows are "—"
             print(f"({error})\n", file=sys.stderr)
     if not frames:
         raise SystemExit("no rows of any sweep in the store yet")
-    print(table(pl.concat(frames, how="diagonal_relaxed"), args.metric))
+    trials = pl.concat(frames, how="diagonal_relaxed")
+    print(cheap_table(trials, args.metric) if args.cheap else table(trials, args.metric))
 
 
 if __name__ == "__main__":
