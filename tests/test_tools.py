@@ -87,17 +87,20 @@ def test_fidelity_table_sets_each_fast_setting_beside_its_full_method():
     spec = importlib.util.spec_from_file_location("fidelity_table", ROOT / "tools" / "fidelity_table.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    rows = [  # (method, famus, MLC's code form, seed, noise rate, final accuracy)
-        ("mwnet", True, False, 0, 0.4, 0.97), ("mwnet", True, False, 1, 0.4, 0.98),
-        ("mwnet", False, False, 0, 0.4, 0.99), ("mwnet", False, False, 0, 0.2, 0.10),
-        ("mlc", True, True, 0, 0.4, 0.96), ("mlc", False, True, 0, 0.4, 0.95),
-        ("mlc", False, False, 0, 0.4, 0.50)]  # MLC as the paper writes it: not the code form's full row
+    rows = [  # (method, famus, MLC's code form, meta interval, seed, noise rate, final accuracy)
+        ("mwnet", True, False, 2, 0, 0.4, 0.97), ("mwnet", True, False, 2, 1, 0.4, 0.98),
+        ("mwnet", True, False, 4, 0, 0.4, 0.96),  # another fast setting: a row of its own
+        ("mwnet", False, False, 1, 0, 0.4, 0.99), ("mwnet", False, False, 1, 0, 0.2, 0.10),
+        ("mlc", True, True, 1, 0, 0.4, 0.96), ("mlc", False, True, 1, 0, 0.4, 0.95),
+        ("mlc", False, False, 1, 0, 0.4, 0.50)]  # MLC as the paper writes it: not the code form's
     trials = pl.DataFrame([{
         "config_digest": f"d{i}", "trial_id": f"t{i}", "status": "completed", "finished_at": "x",
         "noise.type": "uniform", "noise.rate": rate, "method.name": name, "method": name,
         "method.famus": famus, "method.t_on_logits": code, "method.reset_t_each_step": code,
-        "final_test_acc": acc, "seed": seed} for i, (name, famus, code, seed, rate, acc) in enumerate(rows)])
+        "method.meta_interval": every, "train.meta_batch_size": 100, "final_test_acc": acc,
+        "seed": seed} for i, (name, famus, code, every, seed, rate, acc) in enumerate(rows)])
     lines = tool.cheap_table(trials, "final").splitlines()
-    assert "| MW-Net | uniform 40% | 97.50 ± 0.71 (2) | 99.00 ± 0.00 (1) | -1.50 |" in lines
-    assert "| MLC (code) | uniform 40% | 96.00 ± 0.00 (1) | 95.00 ± 0.00 (1) | +1.00 |" in lines
-    assert len(lines) == 4  # header, rule, the two methods' rows
+    assert lines[2:] == [
+        "| MW-Net | every 2, meta batch 100 | uniform 40% | 97.50 ± 0.71 (2) | 99.00 ± 0.00 (1) | -1.50 |",
+        "| MW-Net | every 4, meta batch 100 | uniform 40% | 96.00 ± 0.00 (1) | 99.00 ± 0.00 (1) | -3.00 |",
+        "| MLC (code) | every 1, meta batch 100 | uniform 40% | 96.00 ± 0.00 (1) | 95.00 ± 0.00 (1) | +1.00 |"]

@@ -89,31 +89,42 @@ def table(trials: pl.DataFrame, metric: str) -> str:
     return "\n".join(lines)
 
 
-CHEAP_SWEEPS = ("mnist-cheap-meta", "mnist-mlc-table1", "mnist-mlc-table1-code")
+CHEAP_SWEEPS = ("mnist-cheap-meta", "mnist-cheap-meta-2", "mnist-mlc-table1", "mnist-mlc-table1-code")
 
 
 def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
-    """Each meta method's fast setting (method.famus true) beside the full method, at `rate`."""
+    """Each meta method's fast settings (method.famus true; each meta interval and meta batch
+    size its own row) beside the full method, at `rate`."""
     column = query.METRICS.get(metric, metric)
     done = query.unique_runs(trials, quiet=True).filter(
         (pl.col("status") == "completed") & ((pl.col("noise.rate") - rate).abs() < 1e-9))
     # the base name keeps MLC's code form apart; the FaMUS flag tells fast from full
     done = with_variant(done.with_columns(pl.col("method.name").alias("method"))).with_columns(
-        pl.col("method.famus").fill_null(False).alias("fast"))
-    stats = (done.group_by("method", "fast", "noise.type")
+        pl.col("method.famus").fill_null(False).alias("fast"),
+        pl.col("method.meta_interval").fill_null(1).alias("every"),
+        pl.col("train.meta_batch_size").alias("meta_batch"))
+    keys = ("method", "fast", "every", "meta_batch")
+    stats = (done.group_by(*keys, "noise.type")
              .agg((pl.col(column).mean() * 100).alias("mean"), (pl.col(column).std() * 100).alias("std"),
                   pl.len().alias("n")))
-    found = {(r["method"], r["fast"], r["noise.type"]): r for r in stats.iter_rows(named=True)}
+    found = {tuple(r[k] for k in (*keys, "noise.type")): r for r in stats.iter_rows(named=True)}
+    full_rows = {(r["method"], r["noise.type"]): r for r in stats.iter_rows(named=True) if not r["fast"]}
+    settings = sorted({tuple(r[k] for k in keys) for r in stats.iter_rows(named=True) if r["fast"]},
+                      key=lambda s: (s[2], -s[3]))
     text = lambda r: "—" if r is None else f"{r['mean']:.2f} ± {r['std'] or 0:.2f} ({r['n']})"  # noqa: E731
-    lines = ["| method | noise | fast | full | fast − full |", "|---|---|---|---|---|"]
+    lines = ["| method | fast setting | noise | fast | full | fast − full |", "|---|---|---|---|---|---|"]
     for method in ("mwnet", "l2r", "mlc-code", "metalabelnet"):
-        for noise in NOISE:
-            fast, full = found.get((method, True, noise)), found.get((method, False, noise))
-            if fast is None and full is None:
-                continue
-            diff = "" if fast is None or full is None else f"{fast['mean'] - full['mean']:+.2f}"
-            lines.append(f"| {LABELS.get(method, method)} | {noise} {int(100 * rate)}% | "
-                         f"{text(fast)} | {text(full)} | {diff} |")
+        rows = [s for s in settings if s[0] == method] or [(method, True, None, None)]
+        for setting in rows:
+            label = ("—" if setting[2] is None else
+                     f"every {setting[2]}, meta batch {setting[3]}")
+            for noise in NOISE:
+                fast, full = found.get((*setting, noise)), full_rows.get((method, noise))
+                if fast is None and full is None:
+                    continue
+                diff = "" if fast is None or full is None else f"{fast['mean'] - full['mean']:+.2f}"
+                lines.append(f"| {LABELS.get(method, method)} | {label} | {noise} {int(100 * rate)}% | "
+                             f"{text(fast)} | {text(full)} | {diff} |")
     return "\n".join(lines)
 
 
