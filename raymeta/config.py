@@ -13,10 +13,11 @@ import hashlib
 import json
 import math
 import re
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from raymeta import plugins
 from raymeta.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "synthetic")
@@ -403,6 +404,32 @@ MethodConfig = Annotated[CEConfig | MWNetConfig | L2RConfig | MLCConfig | MLNTCo
                          | GCEConfig | SCEConfig | ForwardConfig | GLCConfig | CoteachingConfig,
                          Field(discriminator="name")]
 METHODS = tuple(METHOD_CONFIGS)
+"""the built-in methods"""
+
+MethodOptions = _Config
+"""base class of a plugin method's options (raymeta.plugins): its own fields, documented in
+place; `name` is set by raymeta"""
+MetaMethodOptions = _MetaConfig
+"""base class of a bilevel plugin method's options: adds the engine's knobs (meta_interval,
+virtual_step, virtual_lr, meta_lr, famus)"""
+
+
+def register_method_config(name: str, options: Any, where: str = "options") -> type[_Config]:
+    """Make a plugin method's options a member of the method union under `name`."""
+    if not (isinstance(options, type) and issubclass(options, _Config)):
+        raise ConfigError(f"method '{name}': {where} must be a subclass of "
+                          f"raymeta.config.MethodOptions or MetaMethodOptions (got {options!r})")
+    if "name" in options.model_fields:
+        raise ConfigError(f"method '{name}': {where} declares a field 'name'; remove it: a "
+                          f"method's name is how configs call it, and raymeta sets it")
+    named = create_model(options.__name__, __base__=options, __module__=options.__module__,
+                         name=(Literal[name], name))
+    named.__doc__ = options.__doc__
+    METHOD_CONFIGS[name] = named
+    ExperimentConfig.model_fields["method"].annotation = Annotated[
+        Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
+    ExperimentConfig.model_rebuild(force=True)
+    return named
 
 
 class FamusConfig(_Config):
@@ -594,6 +621,15 @@ class ExperimentConfig(_Config):
     seed: int = Field(0, ge=0)
     """fixes the noisy labels, the meta split, the initialisation and the batch order"""
 
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> ExperimentConfig:
+        """Validate, first loading a plugin method the config names (raymeta.plugins)."""
+        method = obj.get("method") if isinstance(obj, dict) else None
+        name = method.get("name") if isinstance(method, dict) else None
+        if isinstance(name, str) and name not in METHOD_CONFIGS:
+            plugins.load_method(name)  # nothing when it names no plugin: the union says so
+        return super().model_validate(obj, **kwargs)
+
     @model_validator(mode="after")
     def _coteaching_forget_rate(self) -> ExperimentConfig:
         """Co-teaching forgets the noise rate by default: resolve it here, where the noise is known."""
@@ -639,7 +675,9 @@ class ExperimentConfig(_Config):
         digest alone, so the same experiment has the same id whichever sweep, command or pack
         of seeds ran it."""
         noise = "clean" if self.noise.type == "none" else f"{self.noise.type}{self.noise.rate:g}"
-        method = self.method.name + ("-famus" if getattr(self.method, "famus", False) else "")
+        # a plugin's import path ("pkg.module:Class") is not a file name
+        method = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.method.name)
+        method += "-famus" if getattr(self.method, "famus", False) else ""
         data = self.dataset.name + ("-pseudo" if self.meta_set.source == "pseudo" else "")
         return f"{method}_{data}_{noise}_s{self.seed}_{self.digest()}"
 
@@ -797,9 +835,14 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
             expected = problem.get("ctx", {}).get("expected_tags", "")
             hint = difflib.get_close_matches(str(tag), [t.strip().strip("'") for t in
                                                         str(expected).split(",")], n=1)
+            more = sorted(set(plugins.installed()) - set(METHOD_CONFIGS))
+            hint = hint or difflib.get_close_matches(str(tag), more, n=1)
             msg = f"{field}.name: unknown method '{tag}'; choose one of {expected}"
             if hint:
                 msg += f" (did you mean '{hint[0]}'?)"
+            msg += ", or a plugin method: " + (f"one installed here ({', '.join(more)}), or one "
+                                               if more else "") + \
+                "named by its import path (package.module:Class)"
         elif kind == "string_pattern_mismatch":
             msg = (f"{field}: '{problem.get('input')}' may only contain letters, digits, '_', '-' "
                    f"and '.', and must start with a letter or digit")

@@ -11,6 +11,11 @@ os.environ.setdefault("RAYMETA_STATE_DIR", __import__("tempfile").mkdtemp(prefix
 
 import pytest
 
+EXAMPLE_PLUGIN = __import__("pathlib").Path(__file__).resolve().parents[1] / "examples" / "raymeta-example"
+"""the example plugin package (docs/extending.md); on the path of every Ray worker the tests
+start, as an installed package would be (test_plugins)"""
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLE_PLUGIN), os.environ.get("PYTHONPATH")]))
+
 
 @pytest.fixture(scope="session")
 def ray_session():

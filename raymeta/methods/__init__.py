@@ -5,6 +5,7 @@ Knows nothing of Ray or storage.
 
 from __future__ import annotations
 
+from raymeta import plugins
 from raymeta.methods.base import Method, MetaMethod, StepOutput
 from raymeta.methods.coteaching import Coteaching
 from raymeta.methods.correction import GLC, Forward
@@ -24,7 +25,8 @@ METHOD_CLASSES: dict[str, type[Method]] = {
 
 
 def build_method(cfg, num_classes: int, model) -> Method:
-    return METHOD_CLASSES[cfg.name](cfg, num_classes, model)
+    cls = METHOD_CLASSES.get(cfg.name) or plugins.method_class(cfg.name)
+    return cls(cfg, num_classes, model)
 
 
 __all__ = ["Engine", "Method", "MetaMethod", "StepOutput", "build_method", "METHOD_CLASSES"]

@@ -102,6 +102,7 @@ class Method:
 
     def __init__(self, cfg, num_classes: int, model: nn.Module):
         self.cfg = cfg
+        self.name = cfg.name  # a plugin method's name is how its config calls it
         self.num_classes = num_classes
         self.meta_model: nn.Module | None = None
         self.epoch = 0

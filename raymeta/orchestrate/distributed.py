@@ -29,6 +29,7 @@ import os
 import tempfile
 import time
 
+from raymeta import plugins
 from raymeta.config import ExperimentConfig, ResourcesConfig
 from raymeta.errors import ConfigError, RaymetaError, StorageError, is_storage_failure
 from raymeta.orchestrate.trial import trial_row, write_completed, write_failed_rows
@@ -281,6 +282,7 @@ def _worker_loop(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    plugins.restore(config.get("plugins"))  # the plugin methods the driver resolved
     cfg = ExperimentConfig.model_validate(config["experiment"])
     store, sweep, trial_id = config["store"], config["sweep"], config["trial_id"]
     rank = ray.train.get_context().get_world_rank()
@@ -375,7 +377,7 @@ def fit_distributed(cfg: ExperimentConfig, resources: ResourcesConfig, *, store:
     workers = resources.workers_per_trial
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "store": store,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "plugins": plugins.resolved(), "store": store,
                            "sweep": sweep, "trial_id": trial_id, "extra": extra or {},
                            "batch_workers": workers if resources.elastic else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

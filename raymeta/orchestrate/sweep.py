@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow.fs as pafs
 
+from raymeta import plugins
 from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.errors import ConfigError, DataError, StorageError, is_storage_failure
 from raymeta.orchestrate.grid import Cell, pack_cells
@@ -74,6 +75,7 @@ def _tune_trial(config: dict) -> None:
     resumed trial continues from its last epoch whatever Tune's own state says."""
     import ray.tune
 
+    plugins.restore(config.get("plugins"))  # the plugin methods the driver resolved
     cell = config["cell"]
     if "chain" not in cell:
         if not _train_cell(config, cell):
@@ -679,7 +681,7 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
         if resume:
             print(f"nothing to resume at {display_store(experiment)}; starting the sweep",
                   file=sys.stderr)
-        param_space = {"store": store, "sweep": spec.name, "rerun": rerun,
+        param_space = {"store": store, "sweep": spec.name, "rerun": rerun, "plugins": plugins.resolved(),
                        "resources": spec.resources.model_dump(mode="json"),
                        "cell": ray.tune.grid_search(trials)}
         tuner = ray.tune.Tuner(
