@@ -399,10 +399,15 @@ METHOD_CONFIGS: dict[str, type[_Config]] = {
     "ce": CEConfig, "mwnet": MWNetConfig, "l2r": L2RConfig, "mlc": MLCConfig,
     "mlnt": MLNTConfig, "metalabelnet": MetaLabelNetConfig, "gce": GCEConfig, "sce": SCEConfig,
     "forward": ForwardConfig, "glc": GLCConfig, "coteaching": CoteachingConfig}
-"""method name -> its config class; a new method registers here and in MethodConfig"""
-MethodConfig = Annotated[CEConfig | MWNetConfig | L2RConfig | MLCConfig | MLNTConfig | MetaLabelNetConfig
-                         | GCEConfig | SCEConfig | ForwardConfig | GLCConfig | CoteachingConfig,
-                         Field(discriminator="name")]
+"""method name -> its config class (a plugin method joins it when a config names it)"""
+
+
+def _method_union() -> Any:
+    """`method`'s type: the configs of METHOD_CONFIGS, told apart by their `name`."""
+    return Annotated[Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
+
+
+MethodConfig = _method_union()
 METHODS = tuple(METHOD_CONFIGS)
 """the built-in methods"""
 
@@ -426,8 +431,7 @@ def register_method_config(name: str, options: Any, where: str = "options") -> t
                          name=(Literal[name], name))
     named.__doc__ = options.__doc__
     METHOD_CONFIGS[name] = named
-    ExperimentConfig.model_fields["method"].annotation = Annotated[
-        Union[tuple(METHOD_CONFIGS.values())], Field(discriminator="name")]  # noqa: UP007
+    ExperimentConfig.model_fields["method"].annotation = _method_union()
     ExperimentConfig.model_rebuild(force=True)
     return named
 
