@@ -604,24 +604,33 @@ def _graceful_stop():
     # continue; `raymeta sweep FILE --resume` is
     previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-    # and after a driver was killed, Tune's result grid may miss a trial's result.json and
-    # warn; the rows in the store, not Tune's files, are a sweep's results
-    quieted = [logging.getLogger(name) for name in
-               ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
-    levels = [log.level for log in quieted]
-    for log in quieted:
-        log.setLevel(logging.ERROR)
     try:
-        yield stopped
+        with _quiet_tune_results():
+            yield stopped
     finally:
-        for log, level in zip(quieted, levels):
-            log.setLevel(level)
         if previous is None:
             os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
         for sig, old in saved.items():
             signal.signal(sig, old)
+
+
+@contextmanager
+def _quiet_tune_results():
+    """After a driver was killed, Tune's results (read when it restores the experiment and
+    when it ends) may miss a trial's result.json and warn; the rows in the store, not Tune's
+    files, are a sweep's results."""
+    quieted = [logging.getLogger(name) for name in
+               ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")]
+    levels = [log.level for log in quieted]
+    for log in quieted:
+        log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for log, level in zip(quieted, levels):
+            log.setLevel(level)
 
 
 def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
@@ -675,8 +684,9 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
                                   reduction_factor=stopping.reduction_factor)
         callbacks.append(_stopped_rows_callback(store, spec.name, spec.resources))
     if resume and ray.tune.Tuner.can_restore(experiment):
-        tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+        with _quiet_tune_results():
+            tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
     else:
         if resume:
             print(f"nothing to resume at {display_store(experiment)}; starting the sweep",
