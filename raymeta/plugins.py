@@ -77,7 +77,7 @@ def _import(name: str, target: str):
 
 def method_class(name: str) -> type:
     """The class of a plugin method loaded in this process."""
-    cls = _CLASSES.get(name) or load_method(name)
+    cls = load_method(name)
     if cls is None:
         raise ConfigError(f"unknown method '{name}'")
     return cls

@@ -101,8 +101,8 @@ def describe(label: str, spans: list[tuple[float, float, str]], seconds: float, 
     by_trial: dict[str, list[tuple[float, float]]] = {}
     for a, b, trial in spans:
         by_trial.setdefault(trial, []).append((a, b))
-    within = sum(clip(nxt[0]) - clip(prev[1]) for cells in by_trial.values()
-                 for prev, nxt in zip(sorted(cells), sorted(cells)[1:]))
+    within = sum(clip(nxt[0]) - clip(prev[1]) for cells in map(sorted, by_trial.values())
+                 for prev, nxt in zip(cells, cells[1:]))
     idle = slots * window - busy_time
     return {"label": label, "trials": len(spans), "seconds": seconds,
             "per_minute": 60 * len(spans) / seconds, "blocks": blocks,

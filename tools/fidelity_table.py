@@ -42,7 +42,8 @@ PAPER = {  # MLC Table 1, MNIST, test accuracy %: noise -> the 10/20/30/40% cell
             "flip_to_one": (97.86, 97.45, 96.53, 95.47)},
     "coteaching": {"uniform": (None, 97.25, None, None), "flip_to_one": (None, None, None, 87.63)},
 }
-LABELS = {"ce": "CE", "mwnet": "MW-Net", "metalabelnet": "MetaLabelNet", "l2r": "L2R (LRE)", "mlc": "MLC", "mlc-code": "MLC (code)",
+LABELS = {"ce": "CE", "mwnet": "MW-Net", "metalabelnet": "MetaLabelNet", "l2r": "L2R (LRE)",
+          "mlc": "MLC", "mlc-code": "MLC (code)",
           "forward": "Forward", "glc": "GLC", "coteaching": "Co-teaching"}
 SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-code", "mnist-mlc-table1-baselines",
           "mnist-coteaching")
@@ -58,12 +59,20 @@ def with_variant(trials: pl.DataFrame) -> pl.DataFrame:
                                .alias("method"))
 
 
-def table(trials: pl.DataFrame, metric: str) -> str:
+def seed_stats(done: pl.DataFrame, metric: str, keys) -> pl.DataFrame:
+    """Mean and std (in percent) and the number of seeds of `metric` for each group of `keys`."""
     column = query.METRICS.get(metric, metric)
+    return done.group_by(*keys).agg((pl.col(column).mean() * 100).alias("mean"),
+                                    (pl.col(column).std() * 100).alias("std"), pl.len().alias("n"))
+
+
+def cell_text(stats: dict | None) -> str:
+    return "—" if stats is None else f"{stats['mean']:.2f} ± {stats['std'] or 0:.2f} ({stats['n']})"
+
+
+def table(trials: pl.DataFrame, metric: str) -> str:
     done = with_variant(query.unique_runs(trials, quiet=True).filter(pl.col("status") == "completed"))
-    stats = (done.group_by("method", "noise.type", "noise.rate")
-             .agg((pl.col(column).mean() * 100).alias("mean"), (pl.col(column).std() * 100).alias("std"),
-                  pl.len().alias("n")))
+    stats = seed_stats(done, metric, ("method", "noise.type", "noise.rate"))
     found = {(r["method"], r["noise.type"], round(r["noise.rate"], 2)): r
              for r in stats.iter_rows(named=True)}
     header = ["method", "noise", *(f"{int(100 * r)}%" for r in RATES)]
@@ -80,7 +89,7 @@ def table(trials: pl.DataFrame, metric: str) -> str:
             for i, rate in enumerate(RATES):
                 ours = found.get((method, noise, rate))
                 paper = PAPER.get(method.removesuffix("-code"), {}).get(noise, (None,) * 4)[i]
-                text = "—" if ours is None else f"{ours['mean']:.2f} ± {ours['std'] or 0:.2f} ({ours['n']})"
+                text = cell_text(ours)
                 if paper is not None:
                     diff = "" if ours is None else f" ({ours['mean'] - paper:+.2f})"
                     text += f" / {paper:.2f}{diff}"
@@ -95,7 +104,6 @@ CHEAP_SWEEPS = ("mnist-cheap-meta", "mnist-cheap-meta-2", "mnist-mlc-table1", "m
 def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
     """Each meta method's fast settings (method.famus true; each meta interval and meta batch
     size its own row) beside the full method, at `rate`."""
-    column = query.METRICS.get(metric, metric)
     done = query.unique_runs(trials, quiet=True).filter(
         (pl.col("status") == "completed") & ((pl.col("noise.rate") - rate).abs() < 1e-9))
     # the base name keeps MLC's code form apart; the FaMUS flag tells fast from full
@@ -104,14 +112,11 @@ def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
         pl.col("method.meta_interval").fill_null(1).alias("every"),
         pl.col("train.meta_batch_size").alias("meta_batch"))
     keys = ("method", "fast", "every", "meta_batch")
-    stats = (done.group_by(*keys, "noise.type")
-             .agg((pl.col(column).mean() * 100).alias("mean"), (pl.col(column).std() * 100).alias("std"),
-                  pl.len().alias("n")))
+    stats = seed_stats(done, metric, (*keys, "noise.type"))
     found = {tuple(r[k] for k in (*keys, "noise.type")): r for r in stats.iter_rows(named=True)}
     full_rows = {(r["method"], r["noise.type"]): r for r in stats.iter_rows(named=True) if not r["fast"]}
     settings = sorted({tuple(r[k] for k in keys) for r in stats.iter_rows(named=True) if r["fast"]},
                       key=lambda s: (s[2], -s[3]))
-    text = lambda r: "—" if r is None else f"{r['mean']:.2f} ± {r['std'] or 0:.2f} ({r['n']})"  # noqa: E731
     lines = ["| method | fast setting | noise | fast | full | fast − full |", "|---|---|---|---|---|---|"]
     for method in ("mwnet", "l2r", "mlc-code", "metalabelnet"):
         rows = [s for s in settings if s[0] == method] or [(method, True, None, None)]
@@ -124,7 +129,7 @@ def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
                     continue
                 diff = "" if fast is None or full is None else f"{fast['mean'] - full['mean']:+.2f}"
                 lines.append(f"| {LABELS.get(method, method)} | {label} | {noise} {int(100 * rate)}% | "
-                             f"{text(fast)} | {text(full)} | {diff} |")
+                             f"{cell_text(fast)} | {cell_text(full)} | {diff} |")
     return "\n".join(lines)
 
 

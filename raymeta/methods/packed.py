@@ -26,10 +26,10 @@ def packing_problem(cfg) -> str | None:
     """Why the seeds of this experiment cannot be packed into one process (None: they can)."""
     name = cfg.method.name
     what = "packed seeds (resources.seeds_per_trial > 1, raymeta run --seeds)"
-    if name not in PACKABLE and plugins.is_plugin_name(name):
-        return (f"{what} work for the built-in methods {', '.join(PACKABLE)}, not yet for "
-                f"plugin methods such as {name}: train it one seed per trial")
     if name not in PACKABLE:
+        if plugins.is_plugin_name(name):
+            return (f"{what} work for the built-in methods {', '.join(PACKABLE)}, not yet for "
+                    f"plugin methods such as {name}: train it one seed per trial")
         return (f"{what} work for {', '.join(PACKABLE)}; {name} steps copies of the model "
                 f"itself (its student and mean teacher) inside every step, which a packed model "
                 f"cannot: train {name} one seed per trial")

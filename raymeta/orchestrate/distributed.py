@@ -377,8 +377,8 @@ def fit_distributed(cfg: ExperimentConfig, resources: ResourcesConfig, *, store:
     workers = resources.workers_per_trial
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "plugins": plugins.resolved(), "store": store,
-                           "sweep": sweep, "trial_id": trial_id, "extra": extra or {},
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "plugins": plugins.resolved(),
+                           "store": store, "sweep": sweep, "trial_id": trial_id, "extra": extra or {},
                            "batch_workers": workers if resources.elastic else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -691,8 +691,8 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
         if resume:
             print(f"nothing to resume at {display_store(experiment)}; starting the sweep",
                   file=sys.stderr)
-        param_space = {"store": store, "sweep": spec.name, "rerun": rerun, "plugins": plugins.resolved(),
-                       "resources": spec.resources.model_dump(mode="json"),
+        param_space = {"store": store, "sweep": spec.name, "rerun": rerun,
+                       "plugins": plugins.resolved(), "resources": spec.resources.model_dump(mode="json"),
                        "cell": ray.tune.grid_search(trials)}
         tuner = ray.tune.Tuner(
             trainable, param_space=param_space,
