@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -89,11 +89,13 @@ def _tune_trial(config: dict) -> None:
         for link in cell["chain"]:
             failed += writer.settle()
             try:
-                trained += _train_cell(config, link, finished, write=writer.later(link["trial_id"]))
+                trained += _train_cell(config, link, finished, write=writer.later(link["trial_id"]),
+                                       started=writer.release)
             except Exception as err:  # its failed row is written; the next cells still train
                 if is_storage_failure(err):  # the store refuses writes: every later cell would too
                     raise writer.refusal(err) from err
                 failed.append((link["trial_id"], f"{type(err).__name__}: {err}"))
+            writer.release()  # a cell that was done already, or failed, started no training
         failed += writer.settle(wait=True)
     if failed:
         raise ChainFailed(failed, len(cell["chain"]))
@@ -111,6 +113,7 @@ class _RowWriter:
     def __init__(self):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="raymeta-rows")
         self.writes: list[tuple[str, Future]] = []
+        self.held: list[tuple[str, Callable]] = []
 
     def __enter__(self) -> _RowWriter:
         return self
@@ -119,10 +122,19 @@ class _RowWriter:
         self.pool.shutdown(wait=True)
 
     def later(self, trial_id: str) -> Callable:
-        """`run_trial`'s write: run it on the thread."""
-        return lambda finish: self.writes.append((trial_id, self.pool.submit(finish)))
+        """`run_trial`'s write: held until the next cell has started (`release`), then run on
+        the thread. Written while the cell before it is being set up, a row takes the GIL that
+        the setup needs (for up to the 5 ms switch interval at a time): the slot idled."""
+        return lambda finish: self.held.append((trial_id, finish))
+
+    def release(self) -> None:
+        """Start the held writes: the next cell has been set up and trains."""
+        held, self.held = self.held, []
+        self.writes += [(t, self.pool.submit(finish)) for t, finish in held]
 
     def settle(self, wait: bool = False) -> list[tuple[str, str]]:
+        if wait:
+            self.release()
         ended = [(t, f) for t, f in self.writes if wait or f.done()]
         self.writes = [w for w in self.writes if w not in ended]
         errors = [(t, e) for t, f in ended if (e := f.exception()) is not None]
@@ -133,6 +145,7 @@ class _RowWriter:
     def refusal(self, *errors: BaseException) -> StorageError:
         """One StorageError for the store's refusals: these, and those of the writes still
         running (waited for)."""
+        self.release()
         running, self.writes = self.writes, []
         errors += tuple(e for _, f in running if (e := f.exception()) is not None
                         and is_storage_failure(e))
@@ -142,10 +155,10 @@ class _RowWriter:
 
 
 def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None = None,
-                write: Callable | None = None) -> bool:
+                write: Callable | None = None, started: Callable | None = None) -> bool:
     """Train one cell or pack of seeds; False when its finished rows were already in the store
     (`finished`: their digests, when the caller has looked them up already). `write`: how a
-    single cell's finished rows are written (`run_trial`'s)."""
+    single cell's finished rows are written (`run_trial`'s); `started`: called once it trains."""
     import ray
     import ray.tune
 
@@ -180,7 +193,8 @@ def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None
         checkpoint.push()
         ray.tune.report(metrics)
 
-    with tempfile.TemporaryDirectory() as scratch:
+    # a local store is written in place; an object store's checkpoint goes through a local copy
+    with nullcontext() if checkpoint.in_place else tempfile.TemporaryDirectory() as scratch:
         folder = checkpoint.folder(scratch)
         extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
                  "ray_node_id": ray.get_runtime_context().get_node_id()}
@@ -196,7 +210,7 @@ def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None
         if "pack" in cell:
             run_packed_trial(cfgs, trial_ids, **where)
         else:
-            run_trial(cfgs[0], trial_id=trial_ids[0], write=write, **where)
+            run_trial(cfgs[0], trial_id=trial_ids[0], write=write, started=started, **where)
     return True
 
 
@@ -218,12 +232,13 @@ class TrialCheckpoint:
         self.in_place = isinstance(self.fs, pafs.LocalFileSystem)
         self.scratch: str | None = None
 
-    def folder(self, scratch: str) -> str:
-        """Where the Trainer writes the checkpoint."""
+    def folder(self, scratch: str | None) -> str:
+        """Where the Trainer writes the checkpoint (`scratch`: a local folder, for an object
+        store)."""
         self.scratch = None if self.in_place else scratch
         return self.file.rsplit("/", 1)[0] if self.in_place else scratch
 
-    def fetch(self, scratch: str, digest: str) -> str | None:
+    def fetch(self, scratch: str | None, digest: str) -> str | None:
         """The folder to resume from, or None: no checkpoint yet, or one of another config."""
         if self.fs.get_file_info(self.file).type != pafs.FileType.File:
             return None

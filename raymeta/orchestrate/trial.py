@@ -123,15 +123,19 @@ def write_completed(store: str, sweep: str, trial_id: str, row: dict, result) ->
 def run_trial(cfg: ExperimentConfig, *, store: str, sweep: str, trial_id: str,
               on_epoch_end: Callable | None = None, checkpoint_dir: str | Path | None = None,
               resume_from: str | Path | None = None, extra: dict | None = None,
-              write: Callable[[Callable[[], dict]], Any] | None = None) -> Any:
+              write: Callable[[Callable[[], dict]], Any] | None = None,
+              started: Callable[[], None] | None = None) -> Any:
     """Train `cfg` and write its trial row and curves; a failure writes a failed row and re-raises.
     `write`, when given, runs the write of the finished rows (a chain of cells hands it to a
-    thread) and its result is returned; by default the rows are written here, and returned."""
+    thread) and its result is returned; by default the rows are written here, and returned.
+    `started` is called once the Trainer is set up, before its first step."""
     row = trial_row(cfg, sweep, extra)
     trainer = None
     try:
         trainer = Trainer(cfg, on_epoch_end=on_epoch_end, checkpoint_dir=checkpoint_dir,
                           resume_from=resume_from)
+        if started is not None:
+            started()
         result = trainer.fit()
     except Exception as err:  # KeyboardInterrupt, SystemExit: leave no row
         print(traceback.format_exc(), file=sys.stderr)
