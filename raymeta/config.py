@@ -452,11 +452,16 @@ class FamusConfig(_Config):
     """hidden units of each sampler (D -> hidden -> hidden -> 2, PReLU)"""
     temperature: float = Field(5.0, gt=0.0)
     """Gumbel-softmax temperature"""
+    window: Literal["last_stage", "all"] = "last_stage"
+    """what the samplers cover when `candidates` is not set. last_stage: the released code's
+    setup, which produced the paper's speed-ups: the model's last stage (preact_resnet18:
+    layer4), its final norm and the classifier, the classifier always on, the meta forward
+    detached below the stage; all: every parameter tensor, as the paper describes"""
     candidates: int | None = Field(None, ge=1)
-    """gate only the last N parameter tensors, in model order (the released code's window);
-    tensors below are always off; default: every tensor, as in the paper"""
+    """gate only the last N parameter tensors, in model order; tensors below are always off
+    (instead of `window`)"""
     classifier_always_on: bool = False
-    """keep the classifier's tensors always on (the released code)"""
+    """keep the classifier's tensors always on (window last_stage always does)"""
     detach_at: str | None = None
     """name of a module whose output the meta forward detaches (the released code's truncation,
     e.g. blocks.5); nothing below it is back-propagated in the meta step"""
@@ -471,9 +476,10 @@ class FamusConfig(_Config):
 
     @model_validator(mode="after")
     def _window(self) -> FamusConfig:
-        if not self.exact_below_window and self.candidates is None:
+        if not self.exact_below_window and self.candidates is None and self.window == "all":
             raise ValueError("famus.exact_below_window false needs a window: set famus.candidates "
-                             "(the number of last parameter tensors the samplers cover)")
+                             "(the number of last parameter tensors the samplers cover), or "
+                             "famus.window: last_stage")
         return self
 
 
@@ -671,8 +677,19 @@ class ExperimentConfig(_Config):
 
     def digest(self) -> str:
         """A short stable hash of the whole config (defaults included, the seed too)."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        text = json.dumps(self._as_earlier_versions_wrote(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    def _as_earlier_versions_wrote(self) -> dict:
+        """The config as the versions before each of these options hashed it, wherever the
+        option changes nothing: a store finds a finished trial by its digest, so a new option
+        must not make a resumed sweep rerun it, or a summary count it twice."""
+        data = self.model_dump(mode="json")
+        famus = data["famus"]
+        if not getattr(self.method, "famus", False) or famus["candidates"] is not None \
+                or famus["window"] == "all":
+            del famus["window"]  # the window is then what it was before the option existed
+        return data
 
     def trial_id(self) -> str:
         """The experiment's identity in results stores: readable, and a function of the config

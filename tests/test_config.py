@@ -51,6 +51,19 @@ def test_configs_are_frozen_and_hashable_by_content():
         a.seed = 3
 
 
+def test_digests_of_configs_that_run_as_before_do_not_change():
+    """A store finds a finished trial by its digest: a new option that leaves a run as it was
+    must leave its digest as it was, or a resumed sweep reruns it and a summary counts it twice.
+    (famus.window changed the default FaMUS window, so only FaMUS runs with it moved.)"""
+    before = {"993cd29bef": {}, "053c50681e": {"method": {"name": "mwnet"}},
+              "f5b0f93b2f": {"method": {"name": "l2r"}, "famus": {"candidates": 2}},
+              "37b6d8c705": {"method": {"name": "mwnet", "famus": True},
+                             "famus": {"candidates": 2, "classifier_always_on": True}},
+              "90a8008b19": {"method": {"name": "mwnet", "famus": True}, "famus": {"window": "all"}}}
+    assert {parse_experiment(c).digest(): c for c in before.values()} == before
+    assert parse_experiment({"method": {"name": "mwnet", "famus": True}}).digest() != "90a8008b19"
+
+
 def sweep(**fields):
     return parse_sweep({"name": "t", "base": {"train": {"epochs": 1}}, **fields})
 

@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from raymeta.config import FamusConfig, parse_experiment
+from raymeta.methods import Engine, build_method
 from raymeta.methods.famus import Famus
+from raymeta.models import build_model
 from raymeta.train import Trainer
-from test_engine import batch, setup
+from test_engine import D, K, batch, setup
 
 METHODS = [{"name": "mwnet", "famus": True}, {"name": "l2r", "famus": True},
            {"name": "mlc", "famus": True}, {"name": "metalabelnet", "warmup_epochs": 1, "famus": True}]
@@ -88,6 +90,35 @@ def test_window_only_virtual_step_is_the_meta_gradient_with_lower_layers_frozen(
     assert any(not torch.allclose(w, f) for w, f in zip(windowed, full))  # an approximation
 
 
+def test_default_window_is_the_released_codes_setup():
+    """famus.window last_stage (the default): samplers over the model's last stage and above,
+    the classifier always on, the meta forward detached below the stage; on preact_resnet18
+    that is the released code's layer4 window (17 tensors)."""
+    famus = Famus(FamusConfig(), build_model("preact_resnet18", 10, 3, 8))
+    assert len(famus.candidates) == 15 and famus.candidates[0] == "blocks.6.bn1.weight"
+    assert famus.always_on == {"classifier.weight", "classifier.bias"}
+    # the meta gradient equals that of the same window written out by hand (mlp: body.3 is its
+    # last hidden layer, body.2 the ReLU below it)
+    torch.manual_seed(0)
+    model = build_model("mlp", K, D, 1, hidden=[6, 5]).double()
+    method = build_method(parse_experiment({"method": {"name": "mwnet"}}).method, K, model)
+    method.meta_model.double()
+    engine = Engine(model, torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9))
+    train, meta = batch(8, 1), batch(6, 2)
+    params = method.meta_parameters(train)
+    gradients = []
+    for cfg in (FamusConfig(), FamusConfig(window="all", candidates=4, classifier_always_on=True,
+                                           detach_at="body.2"), FamusConfig(window="all")):
+        engine.famus = Famus(cfg, model)
+        engine.famus.force = True
+        gradients.append(famus_meta_gradient(method, engine, train, meta, params))
+    default, by_hand, every_tensor = gradients
+    assert engine.famus.candidates != [] and len(Famus(FamusConfig(), model).candidates) == 2
+    for d, h, e in zip(default, by_hand, every_tensor):
+        torch.testing.assert_close(d, h, rtol=1e-12, atol=1e-14)
+    assert any(not torch.allclose(d, e) for d, e in zip(default, every_tensor))  # truncated
+
+
 def test_samplers_receive_gradients_and_learn():
     method, engine = famus_setup({"name": "mwnet", "famus": True})
     before = [p.detach().clone() for p in engine.famus.parameters()]
@@ -103,7 +134,8 @@ def test_count_loss_pulls_active_tensors_toward_k():
         cfg = parse_experiment({
             "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [32, 32, 32]}},
             "train": {"epochs": 4, "batch_size": 64}, "method": {"name": "mwnet", "famus": True},
-            "famus": {"k": k, "lambda_count": 1.0, "lambda_grad": 0.0, "cosine_every": 0}, "seed": 0})
+            "famus": {"window": "all", "k": k, "lambda_count": 1.0, "lambda_grad": 0.0,
+                      "cosine_every": 0}, "seed": 0})
         return [c["famus_active_tensors"] for c in Trainer(cfg).fit().curves]
 
     low, high = run(1), run(7)  # 8 tensors: 4 weights, 4 biases
@@ -114,7 +146,7 @@ def test_cosine_to_the_full_meta_gradient_is_recorded():
     cfg = parse_experiment({
         "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [32]}},
         "train": {"epochs": 2, "batch_size": 128}, "method": {"name": "mlc", "famus": True},
-        "famus": {"cosine_every": 3}, "seed": 0})
+        "famus": {"window": "all", "cosine_every": 3}, "seed": 0})
     curves = Trainer(cfg).fit().curves
     cosine = [c["famus_meta_cosine"] for c in curves]
     assert all(-1.0 <= c <= 1.0 for c in cosine)
@@ -134,7 +166,7 @@ def test_famus_config_errors():
         Trainer(cfg)
     with pytest.raises(ConfigError, match="famus.exact_below_window false needs a window"):
         parse_experiment({"method": {"name": "mwnet", "famus": True},
-                          "famus": {"exact_below_window": False}})
+                          "famus": {"window": "all", "exact_below_window": False}})
 
 
 def test_only_the_classifier_is_a_valid_baseline():

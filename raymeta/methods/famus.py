@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymeta.config import FamusConfig
+from raymeta.errors import ConfigError
 
 
 def unit_means(g: torch.Tensor) -> torch.Tensor:
@@ -68,8 +69,16 @@ class Famus:
         self.cfg = cfg
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         classifier = {n for n in names if n.startswith("classifier.")}
-        window = names if cfg.candidates is None else names[-cfg.candidates:]
-        self.always_on = classifier if cfg.classifier_always_on else set()
+        modules = dict(model.named_modules())
+        self.stage: nn.Module | None = None
+        """the last stage, when it is the window: the meta forward detaches its input"""
+        by_stage = cfg.candidates is None and cfg.window == "last_stage"
+        if by_stage:  # the released code's setup
+            window = names[self._stage_start(model, names):]
+            self.stage = modules[model.last_stage] if cfg.detach_at is None else None
+        else:
+            window = names if cfg.candidates is None else names[-cfg.candidates:]
+        self.always_on = classifier if cfg.classifier_always_on or by_stage else set()
         self.candidates = [n for n in window if n not in self.always_on]
         self.scope: list[str] | None = None if cfg.exact_below_window else [
             n for n in names if n in window or n in self.always_on]
@@ -90,13 +99,24 @@ class Famus:
         self.force: bool | None = None
         """tests and diagnostics: True/False sets every gate on/off instead of sampling"""
         if cfg.detach_at is not None:
-            modules = dict(model.named_modules())
             if cfg.detach_at not in modules:
-                from raymeta.errors import ConfigError
-
                 raise ConfigError(f"famus.detach_at '{cfg.detach_at}' is not a module of this "
                                   f"model; choose one of: {', '.join(n for n in modules if n)}")
             self.detach_module = modules[cfg.detach_at]
+
+    @staticmethod
+    def _stage_start(model: nn.Module, names: list[str]) -> int:
+        """The position, in `names`, of the first parameter of the model's last stage."""
+        stage = getattr(model, "last_stage", None)
+        if stage is None:
+            raise ConfigError(f"{type(model).__name__} names no last stage, so FaMUS has no default "
+                              f"window: set famus.window: all (every tensor, as in the paper) or "
+                              f"famus.candidates: N (the last N parameter tensors)")
+        inside = [i for i, n in enumerate(names) if n.startswith(stage + ".")]
+        if not inside:
+            raise ConfigError(f"{type(model).__name__}.last_stage {stage!r} holds no trainable "
+                              f"parameter; set famus.window: all or famus.candidates")
+        return inside[0]
 
     def parameters(self):
         return self.samplers.parameters()
@@ -148,11 +168,16 @@ class Famus:
 
     @contextlib.contextmanager
     def truncating(self):
-        """Within it, the meta forward detaches the output of `detach_at`."""
-        if self.cfg.detach_at is None:
+        """Within it, the meta forward detaches the output of `detach_at`, or the input of the
+        last stage when that is the window."""
+        if self.stage is not None:
+            handle = self.stage.register_forward_pre_hook(
+                lambda m, args: tuple(a.detach() for a in args))
+        elif self.cfg.detach_at is not None:
+            handle = self.detach_module.register_forward_hook(lambda m, i, out: out.detach())
+        else:
             yield
             return
-        handle = self.detach_module.register_forward_hook(lambda m, i, out: out.detach())
         try:
             yield
         finally:

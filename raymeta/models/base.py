@@ -16,6 +16,9 @@ class Backbone(nn.Module):
 
     feature_dim: int
     classifier: nn.Linear
+    last_stage: str | None = None
+    """the module where the last stage of the network begins (preact_resnet18: layer4,
+    `blocks.6`): FaMUS's default window is it and everything above it"""
 
     def features(self, x: Tensor) -> Tensor:
         raise NotImplementedError

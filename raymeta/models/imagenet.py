@@ -56,6 +56,7 @@ class ResNet50(Backbone):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.avgpool = net.avgpool
+        self.last_stage = "layer4"
         self.feature_dim = net.fc.in_features
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 

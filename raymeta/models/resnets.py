@@ -50,6 +50,7 @@ class PreActResNet18(Backbone):
             blocks += [PreActBlock(c_in, c_out, stride), PreActBlock(c_out, c_out, 1)]
             c_in = c_out
         self.blocks = nn.Sequential(*blocks)
+        self.last_stage = "blocks.6"  # layer4: the two 512-channel blocks
         self.bn = nn.BatchNorm2d(512)
         self.feature_dim = 512
         self.classifier = nn.Linear(512, num_classes)
@@ -92,6 +93,7 @@ class WideResNet(Backbone):
                 blocks.append(PreActBlock(c_in, c_out, stride if i == 0 else 1, float(dropout)))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
+        self.last_stage = f"blocks.{2 * n}"  # the third group of blocks
         self.bn = nn.BatchNorm2d(c_in)
         self.feature_dim = c_in
         self.classifier = nn.Linear(c_in, num_classes)
@@ -154,6 +156,7 @@ class ResNet32(Backbone):
                 layers.append(BasicBlock(c_in, c_out, stride if i == 0 else 1))
                 c_in = c_out
         self.blocks = nn.Sequential(*layers)
+        self.last_stage = f"blocks.{2 * blocks}"  # the 64-channel stage
         self.feature_dim = 64
         self.classifier = nn.Linear(64, num_classes)
         for m in self.modules():

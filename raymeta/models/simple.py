@@ -30,6 +30,7 @@ class MLP(Backbone):
             layers += [nn.Linear(width, h), *([nn.BatchNorm1d(h)] if batchnorm else []), nn.ReLU()]
             width = h
         self.body = nn.Sequential(*layers)
+        self.last_stage = f"body.{len(layers) - (3 if batchnorm else 2)}"  # the last hidden layer
         self.feature_dim = width
         self.classifier = nn.Linear(width, num_classes)
 
@@ -55,6 +56,7 @@ class LeNet(Backbone):
             nn.Linear(16 * side * side, 120), nn.ReLU(),
             nn.Linear(120, 84), nn.ReLU(),
         )  # fmt: skip
+        self.last_stage = "fc"  # the fully connected layers above the convolutions
         self.feature_dim = 84
         self.classifier = nn.Linear(84, num_classes)
 
@@ -83,6 +85,7 @@ class CNN8(Backbone):
         )  # fmt: skip
         side = image_size // 8
         self.fc = nn.Sequential(nn.Linear(196 * side * side, 256), nn.BatchNorm1d(256), nn.ReLU())
+        self.last_stage = "conv.14"  # the third pair of convolutions (196 channels)
         self.feature_dim = 256
         self.classifier = nn.Linear(256, num_classes)
         for m in self.modules():
