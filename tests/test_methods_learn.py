@@ -26,6 +26,9 @@ def test_weighting_methods_weigh_clean_samples_higher(method):
     result = train(method, "uniform")
     clean, noisy = (mean_over_epochs(result, f"train_weight_{k}") for k in ("clean", "noisy"))
     assert clean > 2 * noisy, (clean, noisy)
+    if method["name"] == "mwnet":  # its weighting function, recorded: it falls with the loss
+        curve = result.curves[-1]["weight_at_loss"]
+        assert len(curve) == 11 and all(0 < w < 1 for w in curve) and curve[0] > curve[-1], curve
 
 
 def test_mlc_finds_the_flip_targets():

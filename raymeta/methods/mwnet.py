@@ -64,3 +64,15 @@ class MWNet(MetaMethod):
 
     def step_extras(self, batch):
         return clean_noisy_extras("weight", self.weights, batch)
+
+    def epoch_metrics(self, data) -> dict:
+        """The weighting function itself: V at the losses of WEIGHT_GRID (which losses it
+        keeps, and where it cuts off)."""
+        first = next(self.meta_model.parameters())
+        grid = torch.tensor(WEIGHT_GRID, device=first.device, dtype=first.dtype)
+        with torch.no_grad():
+            return {"weight_at_loss": self.meta_model(grid).cpu().double().round(decimals=5).tolist()}
+
+
+WEIGHT_GRID = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""the training losses at which the curves record MW-Net's weight (`weight_at_loss`)"""
