@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from raymeta import plugins
 from raymeta.errors import ConfigError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "synthetic")
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "imagefolder",
+            "synthetic")
 NOISE_TYPES = ("none", "uniform", "symmetric", "flip_random", "flip_to_one", "pair",
                "asymmetric", "feature_dependent", "real")
 
@@ -37,17 +38,30 @@ class _Config(BaseModel):
 class DatasetConfig(_Config):
     name: Literal[DATASETS] = "digits"
     """which dataset: digits (bundled with scikit-learn), mnist, fashion_mnist, cifar10,
-    cifar100, clothing1m, synthetic (seeded Gaussian blobs)"""
+    cifar100, clothing1m, imagefolder (your own images: root/train/<class>/*, root/test/<class>/*,
+    optionally root/val/<class>/*), synthetic (seeded Gaussian blobs)"""
     root: str | None = None
     """folder that holds the dataset files (not needed for digits and synthetic)"""
+    cache: str | None = None
+    """imagefolder: where the decoded images are kept for the next run (default: a
+    .raymeta-cache folder inside root, or ~/.cache/raymeta when root is read-only)"""
     download: bool = False
     """fetch missing files with torchvision's downloaders (needs internet)"""
     augment: Literal["auto", "none", "flip", "crop", "crop_flip"] = "auto"
     """training augmentation on the device; auto = crop_flip for CIFAR, flip for Clothing1M,
-    none for digits/MNIST (flipping digits changes their class)"""
+    none for digits/MNIST (flipping digits changes their class); imagefolder: crop_flip for
+    colour images up to 64 pixels (CIFAR-like), flip for larger ones, none for grey ones"""
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
     """share of samples held out as the test set for datasets without an official split
     (digits, synthetic); the split is fixed, independent of the seed"""
+    classes: list[int] | None = None
+    """keep only these classes (e.g. [4, 9] of MNIST: L2R's imbalance experiment), numbered
+    0, 1, ... in the order given, in every split"""
+    class_fractions: list[float] | None = None
+    """the training split's share of each class (of `classes`, or of all), e.g. [0.005, 0.995];
+    needs train_size; the meta and test sets are not changed"""
+    train_size: int | None = Field(None, ge=1)
+    """with class_fractions: the number of training samples kept (after the meta split)"""
     imbalance: float = Field(1.0, ge=1.0)
     """long-tailed training data: class c keeps n_max * imbalance^(-c/(K-1)) of its training
     samples (FaMUS Table 8 uses 10-100); the meta set stays balanced, the test set untouched;
@@ -55,14 +69,42 @@ class DatasetConfig(_Config):
     unlabeled_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """share of the training split whose labels are hidden (seeded); methods that can use
     unlabeled data (metalabelnet) train on them, the others skip them"""
-    image_size: int = Field(224, ge=8)
-    """side of the decoded images for file-list datasets (clothing1m)"""
+    image_size: int | None = Field(None, ge=8)
+    """side of decoded image files: the shorter side is resized to it, then center-cropped.
+    clothing1m: 224 unless set; imagefolder: the images' own size unless set (they must then
+    all have one size)"""
     synthetic_samples: int = Field(2000, ge=20)
     """synthetic only: number of samples (train + test)"""
     synthetic_classes: int = Field(4, ge=2)
     """synthetic only: number of classes"""
     synthetic_features: int = Field(16, ge=1)
     """synthetic only: feature dimension (samples are shaped (features, 1, 1))"""
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetConfig:
+        if self.classes is not None and (len(set(self.classes)) != len(self.classes)
+                                         or len(self.classes) < 2 or min(self.classes) < 0):
+            raise ValueError(f"dataset.classes must list at least 2 distinct class indices "
+                             f"(0, 1, ...), got {self.classes}")
+        if (self.class_fractions is None) != (self.train_size is None):
+            raise ValueError("dataset.class_fractions and dataset.train_size go together: the "
+                             "fractions say how the train_size training samples split over the "
+                             "classes; set both, or neither")
+        if self.class_fractions is not None:
+            fractions = self.class_fractions
+            if self.classes is not None and len(fractions) != len(self.classes):
+                raise ValueError(f"dataset.class_fractions has {len(fractions)} entries for the "
+                                 f"{len(self.classes)} dataset.classes; give one per class")
+            if min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+                raise ValueError(f"dataset.class_fractions must be positive and sum to 1, got "
+                                 f"{fractions} (sum {sum(fractions):g})")
+            if self.imbalance != 1.0:
+                raise ValueError("dataset.class_fractions and dataset.imbalance both set the "
+                                 "class sizes; use one of them")
+        if self.cache is not None and self.name != "imagefolder":
+            raise ValueError(f"dataset.cache is where imagefolder keeps its decoded images; "
+                             f"'{self.name}' does not read it: remove it")
+        return self
 
 
 class NoiseConfig(_Config):
@@ -685,7 +727,12 @@ class ExperimentConfig(_Config):
         option changes nothing: a store finds a finished trial by its digest, so a new option
         must not make a resumed sweep rerun it, or a summary count it twice."""
         data = self.model_dump(mode="json")
-        famus = data["famus"]
+        dataset, famus = data["dataset"], data["famus"]
+        for key in ("cache", "classes", "class_fractions", "train_size"):  # new, at their defaults
+            if dataset[key] is None:
+                del dataset[key]
+        if dataset["image_size"] is None and dataset["name"] != "imagefolder":
+            dataset["image_size"] = 224  # clothing1m's size, the former default
         if not getattr(self.method, "famus", False) or famus["candidates"] is not None \
                 or famus["window"] == "all":
             del famus["window"]  # the window is then what it was before the option existed

@@ -149,3 +149,25 @@ def write_clothing1m(root: Path, names: bool = False) -> Path:
     if names:
         (root / "category_names_eng.txt").write_text("".join(f"Cat{k}\n" for k in range(14)))
     return root
+
+
+def write_imagefolder(root: Path, classes=("cat", "dog", "emu"), per_class=None, size: int = 12,
+                      grey: bool = False, val: bool = False) -> Path:
+    """root/train/<class>/*, root/test/<class>/* (and root/val/): each class's images are one
+    colour (class c: value 40 + 60 c) with noise, every other one PNG, the rest JPEG at q95.
+    `per_class`: {split: images per class} (default train 12, test 4, val 3)."""
+    per_class = per_class or {"train": 12, "test": 4, **({"val": 3} if val else {})}
+    rng = np.random.default_rng(0)
+    for split, n in per_class.items():
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                shape = (size, size) if grey else (size, size, 3)
+                pixels = np.clip(40 + 60 * c + rng.normal(0, 8, shape), 0, 255).astype(np.uint8)
+                image = Image.fromarray(pixels)
+                if i % 2:
+                    image.save(folder / f"{i:04d}.png")
+                else:
+                    image.save(folder / f"{i:04d}.jpg", quality=95)
+    return root

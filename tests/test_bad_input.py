@@ -2,12 +2,14 @@
 the fix, before Ray starts and before anything is written to the store (in-process CLI)."""
 
 import gzip
+import shutil
 import sys
 
 import numpy as np
 import pytest
 import yaml
-from fixtures_formats import MNIST_NAMES, mnist_arrays, write_cifar_tarball, write_mnist
+from fixtures_formats import MNIST_NAMES, mnist_arrays, write_cifar_tarball, write_imagefolder, write_mnist
+from PIL import Image
 
 from raymeta import cli
 
@@ -46,6 +48,18 @@ def label_file(root, labels=None):
     path = root / "labels.npy"
     np.save(path, np.zeros(7, dtype=np.int64) if labels is None else np.asarray(labels))
     return str(path)
+
+
+def image_folder(root, damage):
+    """A small image folder (fixtures_formats.write_imagefolder), then `damage` done to it."""
+    write_imagefolder(root)
+    if damage == "no test split":
+        shutil.rmtree(root / "test")
+    elif damage == "two sizes":
+        Image.fromarray(np.zeros((20, 16, 3), dtype=np.uint8)).save(root / "train" / "dog" / "big.png")
+    elif damage == "unreadable":
+        (root / "test" / "cat" / "0002.jpg").write_bytes(b"not a jpeg")
+    return str(root)
 
 
 def digits_labels(bad: int):
@@ -111,6 +125,22 @@ CASES = [
     ("corrupt IDX file", "run",
      lambda d: experiment(dataset={"name": "mnist", "root": corrupt_mnist(d / "m")}), [],
      "train-images-idx3-ubyte"),
+    ("image folder without a test split", "run",
+     lambda d: experiment(dataset={"name": "imagefolder", "root": image_folder(d / "i", "no test split")}),
+     [], "has no test/ folder; the layout is"),
+    ("image folder with images of two sizes", "run",
+     lambda d: experiment(dataset={"name": "imagefolder", "root": image_folder(d / "i", "two sizes")}),
+     [], "set dataset.image_size: N to resize them all"),
+    ("image folder with an unreadable image", "run",
+     lambda d: experiment(dataset={"name": "imagefolder", "root": image_folder(d / "i", "unreadable")}),
+     [], "test/cat/0002.jpg"),
+    ("class fractions without a training size", "run",
+     lambda d: experiment(dataset={"name": "digits", "classes": [4, 9], "class_fractions": [0.1, 0.9]}),
+     [], "dataset.class_fractions and dataset.train_size go together"),
+    ("a class subset asking for more samples than a class has", "run",
+     lambda d: experiment(dataset={"name": "digits", "classes": [4, 9], "train_size": 1000,
+                                   "class_fractions": [0.1, 0.9]}),
+     [], "asks for 900 training samples of class 1, but only"),
     ("label file of the wrong length", "run",
      lambda d: experiment(noise={"type": "real", "file": label_file(d)}), [],
      "labels.npy"),

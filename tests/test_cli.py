@@ -41,6 +41,23 @@ def test_validate_shipped_sweeps():
                for line in refused), refused
 
 
+CIFAR10_JPEG = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+@pytest.mark.skipif(not CIFAR10_JPEG.is_file(), reason="needs ../shared/data/cifar10-jpeg.tar.gz")
+def test_cifar10_jpeg_sweep_validates_on_the_shared_images(tmp_path):
+    """The CIFAR-10 (JPEG q75) sweep reads the shared archive, unpacked as its header says, as
+    an image folder: 50,000 + 10,000 images decoded (and cached) before any trial would start."""
+    import tarfile
+
+    with tarfile.open(CIFAR10_JPEG) as archive:
+        archive.extractall(tmp_path / "data" / "cifar10-jpeg", filter="data")
+    sweep = str(ROOT / "sweeps" / "cifar10-jpeg-40.yaml")
+    proc = raymeta("validate", "--address", "gpu-cluster:6379", sweep, cwd=tmp_path)
+    assert "cifar10-jpeg-40.yaml: ok, sweep with 15 trials" in proc.stdout
+    assert len(list((tmp_path / "data" / "cifar10-jpeg" / ".raymeta-cache").glob("*.npz"))) == 1
+
+
 def test_bad_input_exits_2_with_the_reason(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: q\nbase: {noise: {type: unifrom, rate: 0.4}}\ngrid: {seed: [0]}\n")

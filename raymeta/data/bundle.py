@@ -135,7 +135,31 @@ def _meta_split(raw, cfg: ExperimentConfig):
         meta = Split(raw.val_x[meta_idx], raw.val_y[meta_idx], raw.val_y[meta_idx], meta_idx)
     if cfg.dataset.imbalance > 1:  # after the meta split: the meta set stays balanced
         keep = long_tailed(keep, train_y, k, cfg.dataset.imbalance, seeded_rng(cfg.seed, "imbalnc"))
+    if cfg.dataset.class_fractions is not None:
+        keep = class_sized(keep, train_y, k, cfg.dataset.class_fractions, cfg.dataset.train_size,
+                           seeded_rng(cfg.seed, "classfr"))
     return meta, keep, test_keep, meta_idx
+
+
+def class_sized(keep: np.ndarray, labels: np.ndarray, num_classes: int, fractions: list[float],
+                size: int, rng: np.random.Generator) -> np.ndarray:
+    """A seeded subset of the training positions `keep` with `size` samples, class c taking
+    round(size * fractions[c]) of them (at least 1; L2R's class-imbalance experiment)."""
+    if len(fractions) != num_classes:
+        raise ConfigError(f"dataset.class_fractions has {len(fractions)} entries, but the data "
+                          f"has {num_classes} classes; give one per class (or set dataset.classes)")
+    y = labels[keep]
+    counts = np.maximum(1, np.round(np.asarray(fractions) * size).astype(int))
+    counts[np.argmax(counts)] += size - counts.sum()  # rounding goes to the largest class
+    kept = []
+    for c, n_c in enumerate(counts):
+        members = keep[y == c]
+        if n_c > len(members):
+            raise ConfigError(f"dataset.train_size {size} with class_fractions {fractions} asks "
+                              f"for {n_c} training samples of class {c}, but only "
+                              f"{len(members)} remain after the meta split; lower train_size")
+        kept.append(rng.permutation(members)[:n_c])
+    return np.sort(np.concatenate(kept))
 
 
 def long_tailed(keep: np.ndarray, labels: np.ndarray, num_classes: int, factor: float,
@@ -203,7 +227,10 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
         mean = tuple(float(v) for v in x.mean(axis=axes))
         std = tuple(float(max(v, 1e-6)) for v in x.std(axis=axes))
     augment = cfg.dataset.augment
-    if augment == "auto":
+    if augment == "auto" and cfg.dataset.name == "imagefolder":  # by what the images are
+        channels, side = train.x.shape[1], train.x.shape[-1]
+        augment = "none" if channels == 1 else "crop_flip" if side <= 64 else "flip"
+    elif augment == "auto":
         augment = AUGMENT_DEFAULTS.get(cfg.dataset.name, "none")
     meta_sha = hashlib.sha256(np.ascontiguousarray(meta_idx, dtype=np.int64)).hexdigest()[:16]
     return DataBundle(train, meta, test, k, raw.class_names, mean, std, augment, noise, meta_sha)

@@ -56,6 +56,11 @@ class RawData:
 
 
 def load_raw(cfg: DatasetConfig) -> RawData:
+    raw = _load(cfg)
+    return raw if cfg.classes is None else keep_classes(raw, cfg.classes, cfg.name)
+
+
+def _load(cfg: DatasetConfig) -> RawData:
     if cfg.name == "digits":
         return _digits(cfg.test_fraction)
     if cfg.name == "synthetic":
@@ -70,11 +75,38 @@ def load_raw(cfg: DatasetConfig) -> RawData:
     elif cfg.name in ("cifar10", "cifar100"):
         arrays = formats.load_cifar(root, num_classes=int(cfg.name[5:]), download=cfg.download)
     elif cfg.name == "clothing1m":
-        return _clothing1m(root, cfg.image_size)
+        return _clothing1m(root, cfg.image_size or 224)
+    elif cfg.name == "imagefolder":
+        from raymeta.data.imagefolder import load_imagefolder
+
+        return load_imagefolder(root, cfg.image_size, cfg.cache)
     else:  # unreachable: the config validates the name
         raise ConfigError(f"unknown dataset '{cfg.name}'")
     return RawData(arrays.train_x, arrays.train_y.astype(np.int64), arrays.test_x,
                    arrays.test_y.astype(np.int64), arrays.num_classes, list(arrays.class_names))
+
+
+def keep_classes(raw: RawData, classes: list[int], name: str) -> RawData:
+    """Only the samples of `classes` in every split, relabelled 0, 1, ... in their order."""
+    if max(classes) >= raw.num_classes:
+        raise ConfigError(f"dataset.classes {classes} names class {max(classes)}, but {name} has "
+                          f"{raw.num_classes} classes (0..{raw.num_classes - 1})")
+    if raw.train_given is not None:
+        raise ConfigError(f"dataset.classes cannot subset {name}: its noisy labels may name "
+                          f"classes outside the subset")
+    relabel = np.full(raw.num_classes, -1, dtype=np.int64)
+    relabel[classes] = np.arange(len(classes))
+
+    def subset(x, y):
+        keep = np.flatnonzero(relabel[y] >= 0)
+        return x[keep], relabel[y[keep]]
+
+    train_x, train_y = subset(raw.train_x, raw.train_y)
+    test_x, test_y = subset(raw.test_x, raw.test_y)
+    val_x, val_y = subset(raw.val_x, raw.val_y) if raw.val_y is not None else (None, None)
+    return RawData(train_x, train_y, test_x, test_y, len(classes),
+                   [raw.class_names[c] for c in classes], val_x=val_x, val_y=val_y,
+                   mean=raw.mean, std=raw.std, extra=raw.extra)
 
 
 def _fixed_split(y: np.ndarray, test_fraction: float):
