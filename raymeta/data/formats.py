@@ -317,6 +317,19 @@ def load_clothing1m(root: str | Path) -> Clothing1M:
                       split("clean_test_key_list.txt", clean_kv, clean_kv_path), 14, class_names)
 
 
+def resize_center_crop(im, size: int):
+    """A PIL image with its shorter side resized to `size` (bilinear), center-cropped to size x size."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
 def decode_images(root: Path, paths: Sequence[str], size: int) -> np.ndarray:
     """Decode image files (any PIL format) to RGB, shorter side resized to size, center-cropped: (n, 3, size, size)."""
     from PIL import Image
@@ -327,14 +340,7 @@ def decode_images(root: Path, paths: Sequence[str], size: int) -> np.ndarray:
         try:
             with Image.open(path) as im:
                 im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
-                im = im.convert("RGB")
-                w, h = im.size
-                scale = size / min(w, h)
-                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-                if (nw, nh) != (w, h):
-                    im = im.resize((nw, nh), Image.BILINEAR)
-                left, top = (nw - size) // 2, (nh - size) // 2
-                out[i] = np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
+                out[i] = np.asarray(resize_center_crop(im.convert("RGB"), size)).transpose(2, 0, 1)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise DataError(f"cannot read image {path} ({e}): it is missing, truncated or corrupt. "
                             f"Restore it from the dataset archive (extract the archive again).") from None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raymeta.data.formats import resize_center_crop
 from raymeta.errors import DataError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -68,15 +69,8 @@ def decode(paths: list[Path], size: int | None) -> np.ndarray:
             with Image.open(path) as im:
                 im.load()
                 grey &= im.mode in ("1", "L", "I;16", "I")
-                if size is not None:
-                    w, h = im.size
-                    scale = size / min(w, h)
-                    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-                    resized = im.resize((nw, nh), Image.BILINEAR) if (nw, nh) != (w, h) else im
-                    left, top = (nw - size) // 2, (nh - size) // 2
-                    pixels = np.asarray(resized.crop((left, top, left + size, top + size)).convert("RGB"))
-                else:
-                    pixels = np.asarray(im.convert("RGB"))
+                rgb = im.convert("RGB")
+                pixels = np.asarray(rgb if size is None else resize_center_crop(rgb, size))
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {path} ({err}): it is missing, truncated or "
                             f"corrupt; replace or remove it") from None
