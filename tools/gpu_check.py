@@ -41,7 +41,8 @@ def sections(quick: bool) -> list[tuple[str, list[str]]]:
         for precision, flags in (("fp32", []), ("bf16, channels_last", ["--bf16", "--channels-last"])):
             if quick and model == "preact_resnet18" and flags:
                 continue  # bf16 on a CPU is slow and shows nothing a GPU run needs
-            extra = big if model == "preact_resnet18" else []
+            # quick: bf16 on a CPU is slow (seconds a step), so two methods show it runs
+            extra = big if model == "preact_resnet18" or flags else []
             out.append((f"every method, full and FaMUS: {model}, batch {batch}, {precision}",
                         ["--model", model, "--batch", batch, *flags, *extra, *short]))
     out.append((f"packed seeds: cnn8, batch {batch} per seed",
