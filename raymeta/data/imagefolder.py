@@ -76,14 +76,15 @@ def decode(paths: list[Path], size: int | None) -> np.ndarray:
                             f"corrupt; replace or remove it") from None
         if out is None:
             first = (path, pixels.shape)
-            out = np.empty((len(paths), *pixels.shape), dtype=np.uint8)
+            h, w, c = pixels.shape  # filled channels first: no second full-size copy at the end
+            out = np.empty((len(paths), c, h, w), dtype=np.uint8)
         elif pixels.shape != first[1]:
             (h0, w0, _), (h, w, _) = first[1], pixels.shape
             raise DataError(f"imagefolder images differ in size: {first[0]} is {w0}x{h0}, {path} "
                             f"is {w}x{h}; set dataset.image_size: N to resize them all (shorter "
                             f"side to N, then a center crop to N x N)")
-        out[i] = pixels
-    return out[..., :1].transpose(0, 3, 1, 2).copy() if grey else out.transpose(0, 3, 1, 2).copy()
+        out[i] = pixels.transpose(2, 0, 1)
+    return out[:, :1].copy() if grey else out
 
 
 def _fingerprint(root: Path, split_paths: dict[str, list[Path]], size: int | None) -> str:

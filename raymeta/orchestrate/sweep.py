@@ -89,13 +89,15 @@ def _tune_trial(config: dict) -> None:
         for link in cell["chain"]:
             failed += writer.settle()
             try:
-                trained += _train_cell(config, link, finished, write=writer.later(link["trial_id"]),
-                                       started=writer.release)
+                if _train_cell(config, link, finished, write=writer.later(link["trial_id"]),
+                               started=writer.release):
+                    trained += 1
+                    continue  # its rows wait until the next cell trains
             except Exception as err:  # its failed row is written; the next cells still train
                 if is_storage_failure(err):  # the store refuses writes: every later cell would too
                     raise writer.refusal(err) from err
                 failed.append((link["trial_id"], f"{type(err).__name__}: {err}"))
-            writer.release()  # a cell that was done already, or failed, started no training
+            writer.release()  # a cell that was done already, or failed, may not have started
         failed += writer.settle(wait=True)
     if failed:
         raise ChainFailed(failed, len(cell["chain"]))
