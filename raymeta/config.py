@@ -32,6 +32,10 @@ class _Config(BaseModel):
     plain_ce_until: ClassVar[str | None] = None
     """method configs: the field holding the epoch before which the method trains plain
     cross-entropy (its own step starts at that epoch); checked against train.epochs"""
+    unread_fields: ClassVar[tuple[str, ...]] = ()
+    """method configs: the settings the method never reads, its own inherited fields by name
+    and other sections' by dotted key; set away from its default, such a setting is an error
+    (`ExperimentConfig.unread`)"""
 
 
 # ---------------------------------------------------------------------------------- data
@@ -225,6 +229,7 @@ class CEConfig(_Config):
     """Plain cross-entropy on the noisy labels: the baseline every method is compared to."""
 
     name: Literal["ce"] = "ce"
+    unread_fields: ClassVar[tuple[str, ...]] = ("train.meta_batch_size",)  # no meta batches
 
 
 class _MetaConfig(_Config):
@@ -266,6 +271,7 @@ class L2RConfig(_MetaConfig):
     at zero perturbation, clamped at 0 and normalised; no persistent meta-model."""
 
     name: Literal["l2r"] = "l2r"
+    unread_fields: ClassVar[tuple[str, ...]] = ("meta_lr",)  # no meta-model to learn
 
     @model_validator(mode="after")
     def _no_interval(self) -> L2RConfig:
@@ -296,6 +302,8 @@ class MLNTConfig(_MetaConfig):
 
     name: Literal["mlnt"] = "mlnt"
     plain_ce_until: ClassVar[str | None] = "start_epoch"
+    unread_fields: ClassVar[tuple[str, ...]] = ("meta_lr", "train.meta_batch_size")  # its meta
+    # step trains the model itself, on synthetic labels of the training batch
     num_fast: int = Field(10, ge=1)
     """M, the number of synthetic label sets per step"""
     perturb_ratio: float = Field(0.5, gt=0.0, le=1.0)
@@ -351,6 +359,7 @@ class GCEConfig(_Config):
     truncated Lq)."""
 
     name: Literal["gce"] = "gce"
+    unread_fields: ClassVar[tuple[str, ...]] = ("train.meta_batch_size",)  # no meta batches
     q: float = Field(0.7, gt=0.0, le=1.0)
     """the exponent q (paper: 0.7 on every dataset)"""
     truncate_k: float = Field(0.5, ge=0.0, lt=1.0)
@@ -370,6 +379,7 @@ class SCEConfig(_Config):
     log 0 of the one-hot label taken as A."""
 
     name: Literal["sce"] = "sce"
+    unread_fields: ClassVar[tuple[str, ...]] = ("train.meta_batch_size",)  # no meta batches
     alpha: float = Field(0.1, ge=0.0)
     """weight of CE (paper: MNIST 0.01, CIFAR-10 0.1, CIFAR-100 6.0)"""
     beta: float = Field(1.0, ge=0.0)
@@ -399,6 +409,7 @@ class ForwardConfig(_CorrectionConfig):
     cross-entropy model on the noisy training data; loss = CE(softmax(logits) @ T, y)."""
 
     name: Literal["forward"] = "forward"
+    unread_fields: ClassVar[tuple[str, ...]] = ("train.meta_batch_size",)  # no meta batches
     anchor_percentile: float = Field(97.0, gt=0.0, le=100.0)
     """per class i, the anchor is the training sample at this percentile of p(i | x) (paper
     code: 97; 100 = the arg max, the paper's Eq. 9)"""
@@ -421,6 +432,7 @@ class CoteachingConfig(_Config):
     samples chosen by the other, keeping 1 - forget rate of each batch."""
 
     name: Literal["coteaching"] = "coteaching"
+    unread_fields: ClassVar[tuple[str, ...]] = ("train.meta_batch_size",)  # no meta batches
     forget_rate: float | None = Field(None, ge=0.0, lt=1.0)
     """the final share of each batch dropped (default: noise.rate, as in the paper and its
     code; 0 for noise.type none; noise.type real has no known rate: set it)"""
@@ -738,6 +750,47 @@ class ExperimentConfig(_Config):
             del famus["window"]  # the window is then what it was before the option existed
         return data
 
+    def ignored(self) -> dict[str, str]:
+        """The settings this run never reads (whatever their values), each with why."""
+        method, found = self.method, {}
+        for key in method.unread_fields:
+            dotted = key if "." in key else f"method.{key}"
+            takers = [n for n, c in METHOD_CONFIGS.items() if key not in c.unread_fields
+                      and ("." in key or key in c.model_fields)]
+            found[dotted] = (f"method {method.name} does not read it (the methods that do: "
+                             f"{', '.join(takers)})")
+        if not getattr(method, "famus", False):
+            why = ("read only when the method runs FaMUS (method.famus: true)" if "famus" in
+                   type(method).model_fields else f"method {method.name} has no FaMUS")
+            found |= {f"famus.{key}": why for key in FamusConfig.model_fields}
+        if self.optimizer.name != "sgd":
+            found |= {f"optimizer.{key}": f"optimizer {self.optimizer.name} does not read it (sgd does)"
+                      for key in ("momentum", "nesterov")}
+        if self.schedule.name != "step":
+            found |= {f"schedule.{key}": f"schedule {self.schedule.name} does not read it (step does)"
+                      for key in ("milestones", "gamma")}
+        return found
+
+    def unread(self) -> dict[str, str]:
+        """The settings this run never reads although they differ from their defaults, each
+        with why. Such a setting changes the digest but not the run: two runs of one
+        experiment would count as two, and its author expects an effect there is none of."""
+        data = self.model_dump()
+        return {key: why for key, why in self.ignored().items()
+                if get_dotted(data, key) != self._default(key)}
+
+    def as_read(self) -> ExperimentConfig:
+        """This config with the settings it never reads (`unread`) at their defaults: the run
+        it stands for, whatever those settings say."""
+        data = self.model_dump()
+        for key in self.unread():
+            set_dotted(data, key, self._default(key))
+        return ExperimentConfig.model_validate(data)
+
+    def _default(self, key: str) -> Any:
+        section, field = key.split(".")
+        return type(getattr(self, section)).model_fields[field].get_default(call_default_factory=True)
+
     def trial_id(self) -> str:
         """The experiment's identity in results stores: readable, and a function of the config
         digest alone, so the same experiment has the same id whichever sweep, command or pack
@@ -939,12 +992,18 @@ def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def parse_experiment(data: dict[str, Any], where: str = "") -> ExperimentConfig:
-    """Validate a dict as an ExperimentConfig; raise ConfigError with readable lines."""
+def parse_experiment(data: dict[str, Any], where: str = "", unread_ok: bool = False) -> ExperimentConfig:
+    """Validate a dict as an ExperimentConfig; raise ConfigError with readable lines. A setting
+    the run never reads is an error unless `unread_ok` (a sweep judges those over its cells)."""
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, ExperimentConfig, where)) from None
+    if not unread_ok and (unread := cfg.unread()):
+        raise ConfigError(f"invalid config{(' in ' + where) if where else ''}: settings this "
+                          f"run never reads (remove them):\n  - " +
+                          "\n  - ".join(f"{key}: {why}" for key, why in unread.items()))
+    return cfg
 
 
 def parse_sweep(data: Any, where: str = "") -> SweepSpec:

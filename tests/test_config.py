@@ -60,7 +60,8 @@ def test_digests_of_configs_that_run_as_before_do_not_change():
               "37b6d8c705": {"method": {"name": "mwnet", "famus": True},
                              "famus": {"candidates": 2, "classifier_always_on": True}},
               "90a8008b19": {"method": {"name": "mwnet", "famus": True}, "famus": {"window": "all"}}}
-    assert {parse_experiment(c).digest(): c for c in before.values()} == before
+    # (l2r with famus.candidates and FaMUS off: a sweep cell beside FaMUS cells that read it)
+    assert {parse_experiment(c, unread_ok=True).digest(): c for c in before.values()} == before
     assert parse_experiment({"method": {"name": "mwnet", "famus": True}}).digest() != "90a8008b19"
 
 
@@ -96,6 +97,19 @@ def test_trial_ids_are_stable_and_identical_cells_run_once():
     pseudo = expand(sweep(grid={"meta_set": [{"per_class": 5}, {"source": "pseudo"}],
                                 "train.epochs": [8]}))
     assert [c.trial_id[:18] for c in pseudo] == ["ce_digits_clean_s0", "ce_digits-pseudo_c"]
+
+
+def test_a_base_setting_that_only_some_cells_read_keeps_every_cell():
+    """A sweep's base may hold settings that only some cells read (FaMUS's options beside the
+    full method it is compared with): every cell runs, while a single run that sets them is
+    refused."""
+    famus = {"candidates": 2, "classifier_always_on": True, "exact_below_window": False}
+    cells = expand(sweep(base={"famus": famus, "train": {"epochs": 2}},
+                         grid={"method": [{"name": "mwnet", "famus": True}, {"name": "mwnet"}]}))
+    assert [c.trial_id.split("_")[0] for c in cells] == ["mwnet-famus", "mwnet"]
+    assert cells[1].config.unread() and cells[1].config.as_read().famus == ExperimentConfig().famus
+    with pytest.raises(ConfigError, match="famus.candidates: read only when the method runs FaMUS"):
+        parse_experiment({"famus": famus, "train": {"epochs": 2}, "method": {"name": "mwnet"}})
 
 
 def test_exclude_and_its_errors():

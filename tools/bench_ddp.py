@@ -67,7 +67,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for method in methods:
             for workers in (1, args.workers):
-                cfg = parse_experiment(experiment(method, args.batch // workers, args))
+                cfg = parse_experiment(experiment(method, args.batch // workers, args), unread_ok=True)
                 resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=args.cpus,
                                             gpus_per_trial=args.gpus_per_worker * workers)
                 trial_id = f"{method}-w{workers}-r{repeat}"

@@ -53,8 +53,9 @@ def build_variant(label: str, method_cfg: dict, famus_cfg: dict, args, seed: int
     method_cfg = dict(method_cfg)
     if method_cfg["name"] == "metalabelnet":
         method_cfg.setdefault("warmup_epochs", 1)
-    cfg = parse_experiment({"method": method_cfg, "famus": famus_cfg,
-                            "optimizer": {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}})
+    cfg = parse_experiment({"method": method_cfg, "famus": famus_cfg,  # --famus-options: all variants
+                            "optimizer": {"lr": 0.02, "momentum": 0.9, "weight_decay": 5e-4}},
+                           unread_ok=True)
     torch.manual_seed(seed)
     model = build_model(args.model, args.classes, 3, args.image, **json.loads(args.model_options))
     model = model.to(args.device)

@@ -83,6 +83,9 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
     keys = list(spec.grid)
     cells, errors, seen = [], [], set()
     used_rules = set()
+    runs: dict[str, dict] = {}  # the digest of the run a cell stands for -> its first cell
+    unread: dict[str, tuple[str, dict]] = {}  # a setting some cell never reads -> why, a cell
+    ignored_by: list[set[str]] = []  # each cell's settings it never reads
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         overrides = dict(zip(keys, combo))
         data = copy.deepcopy(spec.base)
@@ -94,7 +97,7 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
             continue
         data = absolutize(data, Path(base_dir))
         try:
-            cfg = parse_experiment(data, where=CELL)
+            cfg = parse_experiment(data, where=CELL, unread_ok=True)
         except ConfigError as err:  # the same problem in many cells is reported once
             errors.append((str(err), f"cell {overrides}"))
             continue
@@ -102,10 +105,28 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         if digest in seen:  # two grid cells that are the same experiment run once
             continue
         seen.add(digest)
+        # A base setting that only some cells read is fine; one that makes two cells the same
+        # run, or that no cell reads, would count a run twice or promise an effect
+        cell_unread = cfg.unread()
+        ignored_by.append(set(cfg.ignored()))
+        for key, why in cell_unread.items():
+            unread.setdefault(key, (why, overrides))
+        same = runs.setdefault(cfg.as_read().digest() if cell_unread else digest, overrides)
+        if same is not overrides:
+            errors.append((f"cells {same} and {overrides} are the same run, since "
+                           f"{'; '.join(f'{k}: {w}' for k, w in cell_unread.items())}; set "
+                           f"{'it' if len(cell_unread) == 1 else 'them'} only in the cells that "
+                           f"read {'it' if len(cell_unread) == 1 else 'them'}", ""))
+            continue
         if spec.resources.seeds_per_trial > 1 and (problem := _packing_problem(cfg)):
             errors.append((problem, ""))  # the same for every seed: listed once
             continue
         cells.append(Cell(cfg.trial_id(), cfg, overrides))
+    read = {key for key in unread if any(key not in ignored for ignored in ignored_by)}
+    for key in sorted(set(unread) - read):
+        why, cell = unread[key]
+        errors.append((f"{key} is set, but no cell of the sweep reads it: {why} (e.g. cell "
+                       f"{cell}); remove it", ""))
     unused = [spec.exclude[i] for i in range(len(spec.exclude)) if i not in used_rules]
     if unused:
         errors.append((f"exclude rule(s) that match no cell of the grid: {unused}; check the "
