@@ -9,6 +9,7 @@ Only plain dicts (`model_dump()`) cross process boundaries.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -485,6 +486,7 @@ def register_method_config(name: str, options: Any, where: str = "options") -> t
                          name=(Literal[name], name))
     named.__doc__ = options.__doc__
     METHOD_CONFIGS[name] = named
+    _ignored_settings.cache_clear()  # its lists of the methods that read a setting
     ExperimentConfig.model_fields["method"].annotation = _method_union()
     ExperimentConfig.model_rebuild(force=True)
     return named
@@ -670,6 +672,35 @@ class ResourcesConfig(_Config):
                 "GPU": self.gpus_per_trial / self.workers_per_trial}
 
 
+@functools.cache
+def _ignored_settings(method: type[_Config], famus: bool, optimizer: str,
+                      schedule: str) -> tuple[tuple[str, str], ...]:
+    """(dotted key, why) of the settings a run of these choices never reads."""
+    found = []
+    for key in method.unread_fields:
+        takers = [n for n, c in METHOD_CONFIGS.items() if key not in c.unread_fields
+                  and ("." in key or key in c.model_fields)]
+        found.append((key if "." in key else f"method.{key}",
+                      f"method {method.model_fields['name'].default} does not read it (the "
+                      f"methods that do: {', '.join(takers)})"))
+    if not famus:
+        why = ("read only when the method runs FaMUS (method.famus: true)" if "famus" in
+               method.model_fields else f"method {method.model_fields['name'].default} has no FaMUS")
+        found += [(f"famus.{key}", why) for key in FamusConfig.model_fields]
+    if optimizer != "sgd":
+        found += [(f"optimizer.{key}", f"optimizer {optimizer} does not read it (sgd does)")
+                  for key in ("momentum", "nesterov")]
+    if schedule != "step":
+        found += [(f"schedule.{key}", f"schedule {schedule} does not read it (step does)")
+                  for key in ("milestones", "gamma")]
+    return tuple(found)
+
+
+@functools.cache
+def _default(section: type[_Config], field: str) -> Any:
+    return section.model_fields[field].get_default(call_default_factory=True)
+
+
 class ExperimentConfig(_Config):
     """One training run: data, noise, meta set, model, method, optimizer, schedule, seed."""
 
@@ -752,44 +783,29 @@ class ExperimentConfig(_Config):
 
     def ignored(self) -> dict[str, str]:
         """The settings this run never reads (whatever their values), each with why."""
-        method, found = self.method, {}
-        for key in method.unread_fields:
-            dotted = key if "." in key else f"method.{key}"
-            takers = [n for n, c in METHOD_CONFIGS.items() if key not in c.unread_fields
-                      and ("." in key or key in c.model_fields)]
-            found[dotted] = (f"method {method.name} does not read it (the methods that do: "
-                             f"{', '.join(takers)})")
-        if not getattr(method, "famus", False):
-            why = ("read only when the method runs FaMUS (method.famus: true)" if "famus" in
-                   type(method).model_fields else f"method {method.name} has no FaMUS")
-            found |= {f"famus.{key}": why for key in FamusConfig.model_fields}
-        if self.optimizer.name != "sgd":
-            found |= {f"optimizer.{key}": f"optimizer {self.optimizer.name} does not read it (sgd does)"
-                      for key in ("momentum", "nesterov")}
-        if self.schedule.name != "step":
-            found |= {f"schedule.{key}": f"schedule {self.schedule.name} does not read it (step does)"
-                      for key in ("milestones", "gamma")}
-        return found
+        return dict(_ignored_settings(type(self.method), bool(getattr(self.method, "famus", False)),
+                                      self.optimizer.name, self.schedule.name))
 
     def unread(self) -> dict[str, str]:
         """The settings this run never reads although they differ from their defaults, each
         with why. Such a setting changes the digest but not the run: two runs of one
         experiment would count as two, and its author expects an effect there is none of."""
-        data = self.model_dump()
-        return {key: why for key, why in self.ignored().items()
-                if get_dotted(data, key) != self._default(key)}
+        found = {}
+        for key, why in self.ignored().items():
+            section, field = key.split(".")
+            part = getattr(self, section)
+            if getattr(part, field) != _default(type(part), field):
+                found[key] = why
+        return found
 
-    def as_read(self) -> ExperimentConfig:
-        """This config with the settings it never reads (`unread`) at their defaults: the run
-        it stands for, whatever those settings say."""
-        data = self.model_dump()
+    def read_digest(self) -> str:
+        """A digest of the run this config stands for: equal for two configs that differ only
+        in settings the run never reads (`unread`)."""
+        data = self.model_dump(mode="json")
         for key in self.unread():
-            set_dotted(data, key, self._default(key))
-        return ExperimentConfig.model_validate(data)
-
-    def _default(self, key: str) -> Any:
-        section, field = key.split(".")
-        return type(getattr(self, section)).model_fields[field].get_default(call_default_factory=True)
+            section, field = key.split(".")
+            data[section][field] = _default(type(getattr(self, section)), field)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
     def trial_id(self) -> str:
         """The experiment's identity in results stores: readable, and a function of the config

@@ -111,7 +111,7 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         ignored_by.append(set(cfg.ignored()))
         for key, why in cell_unread.items():
             unread.setdefault(key, (why, overrides))
-        same = runs.setdefault(cfg.as_read().digest() if cell_unread else digest, overrides)
+        same = runs.setdefault(cfg.read_digest(), overrides)
         if same is not overrides:
             errors.append((f"cells {same} and {overrides} are the same run, since "
                            f"{'; '.join(f'{k}: {w}' for k, w in cell_unread.items())}; set "
