@@ -30,3 +30,17 @@ def test_dead_classes_count_only_after_the_model_learned_them():
     """A model that never got half the classes (no earlier epoch without them) is not a
     collapse by this rule; the ln K rule covers a model that learned nothing at all."""
     assert collapse([epoch(0.19, TWO_CLASSES), epoch(0.19, TWO_CLASSES)], 10) is None
+
+
+def test_a_weighting_net_that_zeroes_every_weight_from_the_start_collapsed():
+    """MW-Net (PGC form) on MNIST with SGD lr 0.1 and momentum 0.9
+    (sweeps/mnist-mwnet-optimizer.yaml, uniform 40%, seed 0): every weight 0 from epoch 1, so
+    the weighted training loss is exactly 0 and the model never leaves chance (19.4% after
+    the first epoch, 11.4% at the end). No other rule sees it: the loss is not ln K, no epoch
+    learned, and the classes it misses were never learned."""
+    curves = [epoch(0.194, TWO_CLASSES, 0.175), *[epoch(0.1142, TWO_CLASSES, 0.0)] * 13]
+    start, why = collapse(curves, 10)
+    assert start == 1 and why.startswith("training loss 0 from epoch 1 to the end and test "
+                                         "accuracy at chance (0.1142, K = 10)")
+    learned = [epoch(0.97, LEARNED, 0.0)] * 3  # a model that fits its weighted loss to 0
+    assert collapse(learned, 10) is None

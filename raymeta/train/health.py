@@ -18,6 +18,8 @@ CHANCE_MARGIN = 0.1
 """test accuracy is "at chance" up to 1/K + this share of (1 - 1/K)"""
 LEARNED_MARGIN = 0.5
 """and "well above chance" from 1/K + this share of (1 - 1/K)"""
+ZERO_LOSS = 1e-9
+"""a training loss at most this is "0": every sample weighted 0 (a weighting net's collapse)"""
 DEAD_SHARE = 0.5
 """a model that gets no test sample of at least this share of the classes right predicts only
 the others (a learned model, even at 40% noise, misses at most one class of ten)"""
@@ -28,8 +30,10 @@ def collapse(curves: list[dict], num_classes: int) -> tuple[int, str] | None:
 
     Collapsed: the training loss of each of the last STUCK_EPOCHS epochs is within 1% of ln K
     and the final test accuracy is at chance, or the final test accuracy is at chance after an
-    earlier epoch was well above it, or at the end the model gets no test sample of half the
-    classes right after an epoch where it did. (The loss alone is not enough: at 80% label
+    earlier epoch was well above it, or the training loss of each of the last STUCK_EPOCHS
+    epochs is 0 and the final test accuracy is at chance (a weighting net that weights every
+    sample 0 from the start: nothing trains, and no epoch ever learned), or at the end the
+    model gets no test sample of half the classes right after an epoch where it did. (The loss alone is not enough: at 80% label
     noise a model that learned has a training loss only 2-6% below ln K. Chance alone is not
     either: MW-Net on digits at 40% uniform noise drove every weight to 0 and ended at 19.1%,
     predicting two classes, just above the chance margin.)"""
@@ -46,6 +50,12 @@ def collapse(curves: list[dict], num_classes: int) -> tuple[int, str] | None:
         return start, (f"training loss stuck at ln K = {ln_k:.4f} (within {LOSS_TOLERANCE:.0%}) "
                        f"from epoch {start} to the end; the model predicts the same for every "
                        f"input")
+    zero = [loss <= ZERO_LOSS for loss in losses]
+    if len(curves) >= STUCK_EPOCHS and all(zero[-STUCK_EPOCHS:]) and at_chance[-1]:
+        start = len(zero) - next((i for i, z in enumerate(reversed(zero)) if not z), len(zero))
+        return start, (f"training loss 0 from epoch {start} to the end and test accuracy at "
+                       f"chance ({accs[-1]:.4f}, K = {k}): every sample is weighted 0, so "
+                       f"nothing trains")
     if at_chance[-1]:
         start = len(accs) - next((i for i, a in enumerate(reversed(at_chance)) if not a), len(accs))
         peak = max(accs[:start], default=math.nan)
