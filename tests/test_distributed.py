@@ -216,7 +216,8 @@ def test_sweep_with_two_workers_per_trial(ray_session, tmp_path):
     assert spec.resources.workers_per_trial == 2
     spec = parse_sweep({**spec.model_dump(exclude_defaults=True), "store": str(tmp_path),
                         "grid": {"seed": [0]}})
-    spec = spec.model_copy(update={"base": {**spec.base, "train": {**spec.base["train"], "epochs": 2}}})
+    train = {k: v for k, v in spec.base["train"].items() if k != "meta_batch_size"}  # ce alone reads none
+    spec = spec.model_copy(update={"base": {**spec.base, "train": {**train, "epochs": 2}}})
     cells = expand(spec)
     assert run_sweep(spec, cells).failed == 0
     trials = query.load(str(tmp_path), "trials", spec.name)
