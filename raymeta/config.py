@@ -696,6 +696,10 @@ def _ignored_settings(method: type[_Config], famus: bool, optimizer: str,
     return tuple(found)
 
 
+def _short_hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
 @functools.cache
 def _default(section: type[_Config], field: str) -> Any:
     return section.model_fields[field].get_default(call_default_factory=True)
@@ -762,8 +766,7 @@ class ExperimentConfig(_Config):
 
     def digest(self) -> str:
         """A short stable hash of the whole config (defaults included, the seed too)."""
-        text = json.dumps(self._as_earlier_versions_wrote(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:10]
+        return _short_hash(self._as_earlier_versions_wrote())
 
     def _as_earlier_versions_wrote(self) -> dict:
         """The config as the versions before each of these options hashed it, wherever the
@@ -800,12 +803,16 @@ class ExperimentConfig(_Config):
 
     def read_digest(self) -> str:
         """A digest of the run this config stands for: equal for two configs that differ only
-        in settings the run never reads (`unread`)."""
-        data = self.model_dump(mode="json")
-        for key in self.unread():
+        in settings the run never reads (`unread`); the digest itself when there are none."""
+        unread = self.unread()
+        if not unread:
+            return self.digest()
+        data = self._as_earlier_versions_wrote()
+        for key in unread:
             section, field = key.split(".")
-            data[section][field] = _default(type(getattr(self, section)), field)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+            if field in data[section]:  # (famus.window is left out where FaMUS is off)
+                data[section][field] = _default(type(getattr(self, section)), field)
+        return _short_hash(data)
 
     def trial_id(self) -> str:
         """The experiment's identity in results stores: readable, and a function of the config
@@ -988,8 +995,12 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
         else:
             msg = f"{field}: {problem['msg']} (got {problem.get('input')!r})"
         lines.append(msg)
-    head = f"invalid config{(' in ' + where) if where else ''}:"
-    return head + "\n  - " + "\n  - ".join(lines)
+    return _problems(where, lines)
+
+
+def _problems(where: str, lines: list[str], what: str = "") -> str:
+    """`invalid config in WHERE: WHAT` and one line per problem."""
+    return f"invalid config{(' in ' + where) if where else ''}:{what}" + "\n  - " + "\n  - ".join(lines)
 
 
 def _model_at(model: type[BaseModel], path: list[str]) -> type[BaseModel] | None:
@@ -1016,9 +1027,8 @@ def parse_experiment(data: dict[str, Any], where: str = "", unread_ok: bool = Fa
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, ExperimentConfig, where)) from None
     if not unread_ok and (unread := cfg.unread()):
-        raise ConfigError(f"invalid config{(' in ' + where) if where else ''}: settings this "
-                          f"run never reads (remove them):\n  - " +
-                          "\n  - ".join(f"{key}: {why}" for key, why in unread.items()))
+        raise ConfigError(_problems(where, [f"{key}: {why}" for key, why in unread.items()],
+                                    " settings this run never reads (remove them):"))
     return cfg
 
 

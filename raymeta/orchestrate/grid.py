@@ -85,7 +85,7 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
     used_rules = set()
     runs: dict[str, dict] = {}  # the digest of the run a cell stands for -> its first cell
     unread: dict[str, tuple[str, dict]] = {}  # a setting some cell never reads -> why, a cell
-    ignored_by: list[set[str]] = []  # each cell's settings it never reads
+    ignored_by: set[frozenset[str]] = set()  # the sets of settings that cells never read
     for combo in itertools.product(*(spec.grid[k] for k in keys)):
         overrides = dict(zip(keys, combo))
         data = copy.deepcopy(spec.base)
@@ -108,10 +108,10 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         # A base setting that only some cells read is fine; one that makes two cells the same
         # run, or that no cell reads, would count a run twice or promise an effect
         cell_unread = cfg.unread()
-        ignored_by.append(set(cfg.ignored()))
+        ignored_by.add(frozenset(cfg.ignored()))
         for key, why in cell_unread.items():
             unread.setdefault(key, (why, overrides))
-        same = runs.setdefault(cfg.read_digest(), overrides)
+        same = runs.setdefault(cfg.read_digest() if cell_unread else digest, overrides)
         if same is not overrides:
             errors.append((f"cells {same} and {overrides} are the same run, since "
                            f"{'; '.join(f'{k}: {w}' for k, w in cell_unread.items())}; set "

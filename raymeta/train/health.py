@@ -33,8 +33,8 @@ def collapse(curves: list[dict], num_classes: int) -> tuple[int, str] | None:
     earlier epoch was well above it, or the training loss of each of the last STUCK_EPOCHS
     epochs is 0 and the final test accuracy is at chance (a weighting net that weights every
     sample 0 from the start: nothing trains, and no epoch ever learned), or at the end the
-    model gets no test sample of half the classes right after an epoch where it did. (The loss alone is not enough: at 80% label
-    noise a model that learned has a training loss only 2-6% below ln K. Chance alone is not
+    model gets no test sample of half the classes right after an epoch where it did. (The
+    loss alone is not enough: at 80% label noise a model that learned has a training loss only 2-6% below ln K. Chance alone is not
     either: MW-Net on digits at 40% uniform noise drove every weight to 0 and ended at 19.1%,
     predicting two classes, just above the chance margin.)"""
     k = num_classes
@@ -46,27 +46,32 @@ def collapse(curves: list[dict], num_classes: int) -> tuple[int, str] | None:
     losses = [c.get("train_loss", math.nan) for c in curves]
     stuck = [abs(loss - ln_k) <= LOSS_TOLERANCE * ln_k for loss in losses]
     if len(curves) >= STUCK_EPOCHS and all(stuck[-STUCK_EPOCHS:]) and at_chance[-1]:
-        start = len(stuck) - next((i for i, s in enumerate(reversed(stuck)) if not s), len(stuck))
+        start = _final_run_start(stuck)
         return start, (f"training loss stuck at ln K = {ln_k:.4f} (within {LOSS_TOLERANCE:.0%}) "
                        f"from epoch {start} to the end; the model predicts the same for every "
                        f"input")
     zero = [loss <= ZERO_LOSS for loss in losses]
     if len(curves) >= STUCK_EPOCHS and all(zero[-STUCK_EPOCHS:]) and at_chance[-1]:
-        start = len(zero) - next((i for i, z in enumerate(reversed(zero)) if not z), len(zero))
+        start = _final_run_start(zero)
         return start, (f"training loss 0 from epoch {start} to the end and test accuracy at "
                        f"chance ({accs[-1]:.4f}, K = {k}): every sample is weighted 0, so "
                        f"nothing trains")
     if at_chance[-1]:
-        start = len(accs) - next((i for i, a in enumerate(reversed(at_chance)) if not a), len(accs))
+        start = _final_run_start(at_chance)
         peak = max(accs[:start], default=math.nan)
         if peak >= chance + LEARNED_MARGIN * (1 - chance):
             return start, (f"test accuracy fell to chance ({accs[-1]:.4f}, K = {k}) from epoch "
                            f"{start} on, after {peak:.4f} before")
     dead = [sum(a == 0 for a in c.get("test_class_acc") or ()) >= DEAD_SHARE * k for c in curves]
     if dead[-1] and not all(dead):
-        start = len(dead) - next(i for i, d in enumerate(reversed(dead)) if not d)
+        start = _final_run_start(dead)
         missed = sum(a == 0 for a in curves[-1]["test_class_acc"])
         return start, (f"the model predicts only a few classes: it gets no test sample of "
                        f"{missed} of the {k} classes right from epoch {start} to the end (test "
                        f"accuracy {accs[-1]:.4f}, {max(accs):.4f} at best)")
     return None
+
+
+def _final_run_start(flags: list[bool]) -> int:
+    """The epoch from which every flag to the end is true (len(flags) when the last is false)."""
+    return len(flags) - next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
