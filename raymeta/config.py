@@ -765,8 +765,17 @@ class ExperimentConfig(_Config):
         return flatten(self.model_dump(mode="json"))
 
     def digest(self) -> str:
-        """A short stable hash of the whole config (defaults included, the seed too)."""
-        return _short_hash(self._as_earlier_versions_wrote())
+        """The run's identity: a short stable hash of the config (defaults included, the seed
+        too) with every setting the run never reads (`unread`) at its default, so two configs
+        that train the same run have one digest: a store finds a finished trial by it, and a
+        summary counts each run once (rows written before this rule are given it when read,
+        `results.query.load`)."""
+        data = self._as_earlier_versions_wrote()
+        for key in self.unread():
+            section, field = key.split(".")
+            if field in data[section]:  # (famus.window is left out where FaMUS is off)
+                data[section][field] = _default(type(getattr(self, section)), field)
+        return _short_hash(data)
 
     def _as_earlier_versions_wrote(self) -> dict:
         """The config as the versions before each of these options hashed it, wherever the
@@ -791,8 +800,8 @@ class ExperimentConfig(_Config):
 
     def unread(self) -> dict[str, str]:
         """The settings this run never reads although they differ from their defaults, each
-        with why. Such a setting changes the digest but not the run: two runs of one
-        experiment would count as two, and its author expects an effect there is none of."""
+        with why. Such a setting changes nothing (the digest resets it), and its author
+        expects an effect there is none of."""
         found = {}
         for key, why in self.ignored().items():
             section, field = key.split(".")
@@ -800,19 +809,6 @@ class ExperimentConfig(_Config):
             if getattr(part, field) != _default(type(part), field):
                 found[key] = why
         return found
-
-    def read_digest(self) -> str:
-        """A digest of the run this config stands for: equal for two configs that differ only
-        in settings the run never reads (`unread`); the digest itself when there are none."""
-        unread = self.unread()
-        if not unread:
-            return self.digest()
-        data = self._as_earlier_versions_wrote()
-        for key in unread:
-            section, field = key.split(".")
-            if field in data[section]:  # (famus.window is left out where FaMUS is off)
-                data[section][field] = _default(type(getattr(self, section)), field)
-        return _short_hash(data)
 
     def trial_id(self) -> str:
         """The experiment's identity in results stores: readable, and a function of the config

@@ -56,13 +56,33 @@ def test_digests_of_configs_that_run_as_before_do_not_change():
     must leave its digest as it was, or a resumed sweep reruns it and a summary counts it twice.
     (famus.window changed the default FaMUS window, so only FaMUS runs with it moved.)"""
     before = {"993cd29bef": {}, "053c50681e": {"method": {"name": "mwnet"}},
-              "f5b0f93b2f": {"method": {"name": "l2r"}, "famus": {"candidates": 2}},
               "37b6d8c705": {"method": {"name": "mwnet", "famus": True},
                              "famus": {"candidates": 2, "classifier_always_on": True}},
               "90a8008b19": {"method": {"name": "mwnet", "famus": True}, "famus": {"window": "all"}}}
-    # (l2r with famus.candidates and FaMUS off: a sweep cell beside FaMUS cells that read it)
-    assert {parse_experiment(c, unread_ok=True).digest(): c for c in before.values()} == before
+    assert {parse_experiment(c).digest(): c for c in before.values()} == before
     assert parse_experiment({"method": {"name": "mwnet", "famus": True}}).digest() != "90a8008b19"
+
+
+def test_settings_a_run_never_reads_leave_its_digest_and_a_stored_row_is_given_that_digest(tmp_path):
+    """l2r with famus.candidates set and FaMUS off (a sweep cell beside FaMUS cells that read
+    it) trains plain l2r: it is that run, with its digest. Rows written when the setting still
+    changed the digest are given the run's digest when read, so a sweep does not train the run
+    again and a summary counts it once."""
+    from raymeta.orchestrate.trial import trial_row
+    from raymeta.results import query
+    from raymeta.results.store import write_trial
+
+    plain = parse_experiment({"method": {"name": "l2r"}})
+    beside_famus = parse_experiment({"method": {"name": "l2r"}, "famus": {"candidates": 2}},
+                                    unread_ok=True)
+    assert beside_famus.digest() == plain.digest() and plain.digest() != "f5b0f93b2f"
+    for digest, cfg in (("f5b0f93b2f", beside_famus), (plain.digest(), plain)):  # then and now
+        row = {**trial_row(cfg, "s", {}), "config_digest": digest, "status": "completed",
+               "final_test_acc": 0.5, "trial_id": f"l2r_{digest}"}
+        write_trial(str(tmp_path), "s", f"l2r_{digest}", row, [])
+    rows = query.load(str(tmp_path), "trials", "s")
+    assert rows["config_digest"].to_list() == [plain.digest()] * 2
+    assert len(query.unique_runs(rows, quiet=True)) == 1
 
 
 def sweep(**fields):
@@ -108,8 +128,8 @@ def test_a_base_setting_that_only_some_cells_read_keeps_every_cell():
                          grid={"method": [{"name": "mwnet", "famus": True}, {"name": "mwnet"}]}))
     assert [c.trial_id.split("_")[0] for c in cells] == ["mwnet-famus", "mwnet"]
     assert cells[1].config.unread()
-    assert cells[1].config.read_digest() == parse_experiment(
-        {"train": {"epochs": 2}, "method": {"name": "mwnet"}}).read_digest() != cells[0].config.read_digest()
+    assert cells[1].config.digest() == parse_experiment(
+        {"train": {"epochs": 2}, "method": {"name": "mwnet"}}).digest() != cells[0].config.digest()
     with pytest.raises(ConfigError, match="famus.candidates: read only when the method runs FaMUS"):
         parse_experiment({"famus": famus, "train": {"epochs": 2}, "method": {"name": "mwnet"}})
 

@@ -101,17 +101,17 @@ def expand(spec: SweepSpec, base_dir: str | Path = ".") -> list[Cell]:
         except ConfigError as err:  # the same problem in many cells is reported once
             errors.append((str(err), f"cell {overrides}"))
             continue
-        digest = cfg.digest()
-        if digest in seen:  # two grid cells that are the same experiment run once
+        written = cfg.model_dump_json()
+        if written in seen:  # two grid cells that are the same experiment run once
             continue
-        seen.add(digest)
+        seen.add(written)
         # A base setting that only some cells read is fine; one that makes two cells the same
-        # run, or that no cell reads, would count a run twice or promise an effect
+        # run, or that no cell reads, would promise an effect there is none of
         cell_unread = cfg.unread()
         ignored_by.add(frozenset(cfg.ignored()))
         for key, why in cell_unread.items():
             unread.setdefault(key, (why, overrides))
-        same = runs.setdefault(cfg.read_digest() if cell_unread else digest, overrides)
+        same = runs.setdefault(cfg.digest(), overrides)
         if same is not overrides:
             errors.append((f"cells {same} and {overrides} are the same run, since "
                            f"{'; '.join(f'{k}: {w}' for k, w in cell_unread.items())}; set "

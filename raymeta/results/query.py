@@ -37,7 +37,30 @@ def load(store: str, table: str = "trials", sweep: str | None = None) -> pl.Data
         known = list_sweeps(store)
         hint = f"; sweeps in this store: {', '.join(known)}" if known else ""
         raise ConfigError(f"no {table} results for {where} in store {display_store(store)}{hint}")
-    return with_method_label(pl.concat(frames, how="diagonal_relaxed"))
+    rows = pl.concat(frames, how="diagonal_relaxed")
+    return with_method_label(_run_digests(rows) if table == "trials" else rows)
+
+
+def _run_digests(trials: pl.DataFrame) -> pl.DataFrame:
+    """Each row's config_digest as this version computes it from the row's config: a row
+    written while a setting that run never reads still changed the digest gets the digest of
+    the run it is, so it is found and counted as that run. A config that does not parse here
+    (a plugin not installed, a newer version's option) keeps its stored digest."""
+    if "config_json" not in trials.columns or "config_digest" not in trials.columns:
+        return trials
+    from pydantic import ValidationError
+
+    from raymeta.config import ExperimentConfig
+
+    current = {}
+    for text in trials["config_json"].drop_nulls().unique():
+        try:
+            current[text] = ExperimentConfig.model_validate(json.loads(text)).digest()
+        except (ValidationError, ConfigError, ValueError):
+            pass
+    digests = [current.get(text, stored) for text, stored in
+               zip(trials["config_json"], trials["config_digest"])]
+    return trials.with_columns(pl.Series("config_digest", digests, dtype=pl.String))
 
 
 def _read_file(fs: pafs.FileSystem, path: str) -> pl.DataFrame | None:
