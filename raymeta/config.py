@@ -16,7 +16,8 @@ import math
 import re
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model,
+                      field_validator, model_validator)
 
 from raymeta import plugins
 from raymeta.errors import ConfigError
@@ -195,11 +196,37 @@ class MetaSetConfig(_Config):
 
 # --------------------------------------------------------------------------------- model
 class ModelConfig(_Config):
-    name: Literal["mlp", "lenet", "cnn8", "preact_resnet18", "wrn", "resnet32", "resnet50"] = "mlp"
-    """backbone by name"""
+    name: str = "mlp"
+    """backbone by name (raymeta.models.MODEL_NAMES), or a plugin model: an installed entry
+    point of the group raymeta.models, or an import path (package.module:Class)"""
     options: dict[str, Any] = Field(default_factory=dict)
     """backbone options, e.g. {hidden: [128]} for mlp, {depth: 28, width: 10} for wrn,
     {weights_path: /path/resnet50.pth} for resnet50"""
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        """A built-in model is checked without torch; a plugin's module is imported."""
+        from raymeta.models import model_options
+
+        try:
+            model_options(name)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return name
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Option names here, their values when the model is built."""
+        from raymeta.models import check_model
+
+        if "name" in info.data:  # else the name's own error says it
+            try:
+                check_model(info.data["name"], options)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return options
 
 
 # ---------------------------------------------------------------------------- optimizing

@@ -1,15 +1,18 @@
-"""Methods from other packages: a plugin method is a `raymeta.methods.Method` (or `MetaMethod`)
-subclass whose class attribute `options` is its config class, a `raymeta.config.MethodOptions`
-(or `MetaMethodOptions`) subclass with that method's own fields. It is named in a config either
+"""Methods and models from other packages.
 
-- by an entry point of the group `raymeta.methods` that its package declares
-  (`[project.entry-points."raymeta.methods"]` `my_method = "my_pkg.module:MyMethod"`), or
+A plugin method is a `raymeta.methods.Method` (or `MetaMethod`) subclass whose class attribute
+`options` is its config class, a `raymeta.config.MethodOptions` (or `MetaMethodOptions`)
+subclass with that method's own fields. A plugin model is a `raymeta.models.Backbone` subclass
+whose options are its `__init__`'s keyword-only parameters. Either is named in a config
+
+- by an entry point of the group `raymeta.methods` or `raymeta.models` that its package
+  declares (`[project.entry-points."raymeta.methods"]` `my_method = "my_pkg.module:MyMethod"`), or
 - by its import path, `method: {name: "my_pkg.module:MyMethod", ...}`.
 
-Its options are validated like a built-in method's (unknown keys get a did-you-mean), before
-any data or Ray. The module is imported then, so a plugin's config check costs its imports.
-Ray trials are handed the names resolved here (`resolved`) and import the same classes: the
-package must be importable on every node (installed, or shipped with Ray's runtime_env).
+Its options are validated like a built-in's (unknown keys get a did-you-mean), before any data
+or Ray. The module is imported then, so a plugin's config check costs its imports. Ray trials
+are handed the names resolved here (`resolved`) and import the same classes: the package must
+be importable on every node (installed, or shipped with Ray's runtime_env).
 This module itself imports neither torch nor Ray.
 """
 
@@ -20,21 +23,22 @@ import importlib.metadata
 
 from raymeta.errors import ConfigError
 
-GROUP = "raymeta.methods"
+GROUPS = {"method": "raymeta.methods", "model": "raymeta.models"}
+"""kind -> the entry-point group its plugins declare"""
 
-_CLASSES: dict[str, type] = {}
-"""plugin method name -> its class, for the methods loaded in this process"""
-_TARGETS: dict[str, str] = {}
-"""plugin method name -> "module:attribute" it was loaded from"""
-
-
-def installed() -> dict[str, str]:
-    """Plugin method names that installed packages declare -> "module:attribute"."""
-    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=GROUP)}
+_CLASSES: dict[str, dict[str, type]] = {kind: {} for kind in GROUPS}
+"""kind -> plugin name -> its class, for the plugins loaded in this process"""
+_TARGETS: dict[str, dict[str, str]] = {kind: {} for kind in GROUPS}
+"""kind -> plugin name -> "module:attribute" it was loaded from"""
 
 
-def is_plugin_name(name: str) -> bool:
-    return name in _CLASSES or ":" in name or name in installed()
+def installed(kind: str = "method") -> dict[str, str]:
+    """Plugin names of `kind` that installed packages declare -> "module:attribute"."""
+    return {ep.name: ep.value for ep in importlib.metadata.entry_points(group=GROUPS[kind])}
+
+
+def is_plugin_name(name: str, kind: str = "method") -> bool:
+    return name in _CLASSES[kind] or ":" in name or name in installed(kind)
 
 
 def load_method(name: str, target: str | None = None) -> type | None:
@@ -42,37 +46,56 @@ def load_method(name: str, target: str | None = None) -> type | None:
     names no plugin (neither an installed entry point nor an import path)."""
     from raymeta.config import register_method_config
 
-    if name in _CLASSES:
-        return _CLASSES[name]
-    target = target or installed().get(name) or (name if ":" in name else None)
+    def register(cls: type, target: str) -> None:
+        from raymeta.methods.base import Method  # a plugin method needs torch anyway
+
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise ConfigError(f"method '{name}': {target} is not a raymeta.methods.Method subclass "
+                              f"(a method's class, e.g. a subclass of raymeta.methods.MetaMethod)")
+        register_method_config(name, getattr(cls, "options", None), where=f"{target}.options")
+
+    return _load("method", name, target, register)
+
+
+def load_model(name: str, target: str | None = None) -> type | None:
+    """The class of the plugin model `name`; None when `name` names no plugin."""
+    def check(cls: type, target: str) -> None:
+        from raymeta.models.base import Backbone
+
+        if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+            raise ConfigError(f"model '{name}': {target} is not a raymeta.models.Backbone subclass "
+                              f"(a model's class: features(x) plus a linear classifier)")
+
+    return _load("model", name, target, check)
+
+
+def _load(kind: str, name: str, target: str | None, check) -> type | None:
+    if name in _CLASSES[kind]:
+        return _CLASSES[kind][name]
+    target = target or installed(kind).get(name) or (name if ":" in name else None)
     if target is None:
         return None
-    cls = _import(name, target)
-    from raymeta.methods.base import Method  # a plugin method needs torch anyway
-
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ConfigError(f"method '{name}': {target} is not a raymeta.methods.Method subclass "
-                          f"(a method's class, e.g. a subclass of raymeta.methods.MetaMethod)")
-    register_method_config(name, getattr(cls, "options", None), where=f"{target}.options")
-    _CLASSES[name], _TARGETS[name] = cls, target
+    cls = _import(kind, name, target)
+    check(cls, target)
+    _CLASSES[kind][name], _TARGETS[kind][name] = cls, target
     return cls
 
 
-def _import(name: str, target: str):
+def _import(kind: str, name: str, target: str):
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
-        raise ConfigError(f"method '{name}': '{target}' is not an import path; write it as "
+        raise ConfigError(f"{kind} '{name}': '{target}' is not an import path; write it as "
                           f"'package.module:ClassName'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"method '{name}': cannot import {module_name} ({err}); install the "
+        raise ConfigError(f"{kind} '{name}': cannot import {module_name} ({err}); install the "
                           f"package that provides it (pip install -e ...), or put it on "
                           f"PYTHONPATH") from None
     try:
         return getattr(module, attribute)
     except AttributeError:
-        raise ConfigError(f"method '{name}': {module_name} has no attribute '{attribute}'") from None
+        raise ConfigError(f"{kind} '{name}': {module_name} has no attribute '{attribute}'") from None
 
 
 def method_class(name: str) -> type:
@@ -83,13 +106,15 @@ def method_class(name: str) -> type:
     return cls
 
 
-def resolved() -> dict[str, str]:
-    """The plugin methods loaded here, name -> "module:attribute": what a Ray trial needs to
+def resolved() -> dict[str, dict[str, str]]:
+    """The plugins loaded here, kind -> name -> "module:attribute": what a Ray trial needs to
     load them again (`restore`), entry-point metadata or not."""
-    return dict(_TARGETS)
+    return {kind: dict(targets) for kind, targets in _TARGETS.items() if targets}
 
 
-def restore(targets: dict[str, str] | None) -> None:
-    """In a Ray trial: load the plugin methods the driver resolved."""
-    for name, target in (targets or {}).items():
-        load_method(name, target)
+def restore(targets: dict[str, dict[str, str]] | None) -> None:
+    """In a Ray trial: load the plugins the driver resolved."""
+    loaders = {"method": load_method, "model": load_model}
+    for kind, named in (targets or {}).items():
+        for name, target in named.items():
+            loaders[kind](name, target)

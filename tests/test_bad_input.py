@@ -80,6 +80,8 @@ CASES = [
      "dataset.name: 'cifar' is not allowed"),
     ("unknown model", "run", lambda d: experiment(**{"model.name": "resnet18"}), [],
      "model.name"),
+    ("unknown model option", "run", lambda d: experiment(**{"model.options": {"hiden": [8]}}), [],
+     "model.options: model 'mlp' has no option 'hiden'; its options: hidden, batchnorm (did you mean 'hidden'?)"),
     ("unknown key", "run", lambda d: experiment(**{"train.epoch": 3}), [],
      "did you mean 'train.epochs'"),
     ("unknown section", "run", lambda d: {**experiment(), "optimiser": {"lr": 0.1}}, [],

@@ -197,10 +197,11 @@ def test_sweep_into_s3_and_summary_from_it(tmp_path, s3_server):
                 and n.endswith("/checkpoint.pt")]) == 2
 
 
-@pytest.mark.parametrize("command,content", [
-    ("sweep", "name: q\nbase: {method: {name: mwn}}\ngrid: {seed: [0]}\n"),
-    ("run", "method: {name: mwn}\n")])
-def test_a_bad_config_is_refused_before_torch_or_ray_load(tmp_path, command, content):
+@pytest.mark.parametrize("command,content,message", [
+    ("sweep", "name: q\nbase: {method: {name: mwn}}\ngrid: {seed: [0]}\n", "did you mean 'mwnet'"),
+    ("run", "method: {name: mwn}\n", "did you mean 'mwnet'"),
+    ("run", "model: {name: wrn, options: {widht: 2}}\n", "did you mean 'width'")])
+def test_a_bad_config_is_refused_before_torch_or_ray_load(tmp_path, command, content, message):
     """The refusal is instant: neither torch (2 s to import) nor Ray is loaded to check a config."""
     (tmp_path / "bad.yaml").write_text(content)
     probe = ("import sys\nfrom raymeta import cli\nsys.argv = ['raymeta', %r, 'bad.yaml']\n"
@@ -208,5 +209,5 @@ def test_a_bad_config_is_refused_before_torch_or_ray_load(tmp_path, command, con
              "print(code, [m for m in ('torch', 'ray', 'polars') if m in sys.modules])" % command)
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
-    assert proc.stdout.split()[0] == "2" and "did you mean 'mwnet'" in proc.stderr
+    assert proc.stdout.split()[0] == "2" and message in proc.stderr, proc.stderr
     assert proc.stdout.strip().endswith("[]"), proc.stdout

@@ -143,14 +143,14 @@ def test_unknown_model_suggests_close_name():
     with pytest.raises(ConfigError, match="unknown model 'resnet33'") as err:
         build_model("resnet33", 10, 3, 32)
     assert "did you mean 'resnet32'" in str(err.value)
-    assert "mlp, lenet, cnn8" in str(err.value)
+    assert "cnn8, lenet, mlp, preact_resnet18" in str(err.value)
 
 
 def test_unknown_option_is_named_with_allowed_ones():
     with pytest.raises(ConfigError, match="no option 'widht'") as err:
         build_model("wrn", 10, 3, 32, widht=2)
     assert "depth, width, dropout" in str(err.value)
-    with pytest.raises(ConfigError, match="allowed options: none"):
+    with pytest.raises(ConfigError, match="its options: none"):
         build_model("lenet", 10, 3, 32, hidden=[3])
 
 
@@ -172,6 +172,33 @@ def test_resnet50_needs_rgb():
 def test_model_options_defaults():
     assert model_options("wrn") == {"depth": 28, "width": 10, "dropout": 0.0}
     assert model_options("cnn8") == {}
+
+
+def test_the_models_read_from_source_are_the_classes_with_their_options():
+    """Configs learn the built-in models by reading raymeta/models (no torch): that reading
+    finds every Backbone subclass there, under the name its class says, with the keyword-only
+    options and defaults of its real __init__."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import raymeta.models as models
+
+    for module in pkgutil.iter_modules(models.__path__):
+        importlib.import_module(f"raymeta.models.{module.name}")
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    builtin = {cls for cls in subclasses(Backbone) if cls.__module__.startswith("raymeta.models.")}
+    assert {cls.name for cls in builtin} == set(MODEL_NAMES)
+    for cls in builtin:
+        assert models.model_class(cls.name) is cls
+        params = inspect.signature(cls.__init__).parameters.values()
+        real = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        assert model_options(cls.name) == real, cls.name
 
 
 def test_resnet50_loads_local_weights(tmp_path):

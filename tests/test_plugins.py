@@ -1,6 +1,6 @@
-"""A method from another package (examples/raymeta-example): found through its entry point or
-its import path, validated like a built-in, trained by `raymeta run` and in a real Ray Tune
-sweep, and counted in summaries like any other row."""
+"""A method and a model from another package (examples/raymeta-example): found through their
+entry points or import paths, validated like built-ins, trained by `raymeta run` and in a real
+Ray Tune sweep, and counted in summaries like any other row."""
 
 import sys
 
@@ -16,6 +16,8 @@ from raymeta.orchestrate.sweep import run_sweep
 from raymeta.results import query
 
 IMPORT_PATH = "raymeta_example.threshold:MetaThreshold"
+MODEL_PATH = "raymeta_example.smallcnn:SmallCNN"
+SMALLCNN = {"name": "smallcnn", "options": {"width": 4}}
 NOISE = {"type": "uniform", "rate": 0.4}
 
 
@@ -27,7 +29,8 @@ def installed(tmp_path, monkeypatch):
     info = site / "raymeta_example-0.1.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: raymeta-example\nVersion: 0.1.0\n")
-    (info / "entry_points.txt").write_text(f"[raymeta.methods]\nthreshold = {IMPORT_PATH}\n")
+    (info / "entry_points.txt").write_text(f"[raymeta.methods]\nthreshold = {IMPORT_PATH}\n\n"
+                                           f"[raymeta.models]\nsmallcnn = {MODEL_PATH}\n")
     monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN))
     monkeypatch.syspath_prepend(str(site))
     return site
@@ -81,18 +84,48 @@ def test_a_typo_in_a_plugin_option_is_refused_before_ray_with_a_did_you_mean(
         parse_experiment({"method": {"name": "raymeta_exampel.threshold:MetaThreshold"}})
 
 
-def test_a_plugin_method_runs_in_a_real_tune_sweep_beside_a_builtin(installed, ray_session, tmp_path):
-    # the trials' processes have the package on their path (conftest) but not its entry point:
-    # they load the class the driver resolved
-    spec = parse_sweep({"name": "plug", "store": str(tmp_path),
-                        "base": tiny_experiment(noise=NOISE, train={"epochs": 3}),
-                        "grid": {"method": [{"name": "ce"}, {"name": "threshold"}], "seed": [0, 1]}})
+def test_plugin_methods_and_models_run_in_a_real_tune_sweep_beside_builtins(installed, ray_session, tmp_path):
+    # the trials' processes have the package on their path (conftest) but not its entry points:
+    # they load the classes the driver resolved
+    base = tiny_experiment(noise=NOISE, train={"epochs": 3})
+    mlp = base.pop("model")  # each cell names its model: a grid merges options into the base's
+    spec = parse_sweep({"name": "plug", "store": str(tmp_path), "base": base,
+                        "grid": {".": [{"method": {"name": "ce"}, "model": mlp},
+                                       {"method": {"name": "threshold"}, "model": mlp},
+                                       {"model": SMALLCNN}],
+                                 "seed": [0, 1]}})
     assert run_sweep(spec, expand(spec)).failed == 0
     trials = query.load(str(tmp_path), "trials", "plug")
-    assert sorted(trials["method.name"].to_list()) == ["ce", "ce", "threshold", "threshold"]
+    assert sorted(zip(trials["method.name"], trials["model.name"])) == [
+        ("ce", "mlp"), ("ce", "mlp"), ("ce", "smallcnn"), ("ce", "smallcnn"),
+        ("threshold", "mlp"), ("threshold", "mlp")]
     assert set(trials["status"]) == {"completed"}
-    table = query.summary(trials)
+    table = query.summary(trials.filter(trials["model.name"] == "mlp"))
     assert {"ce", "threshold"} <= set(table["method"]) and "(2)" in str(table)
+    by_model = query.summary(trials.filter(trials["method.name"] == "ce"), by=["model.name"])
+    assert set(by_model["model.name"]) == {"smallcnn", "mlp"}
+
+
+def test_an_installed_plugin_model_trains_with_raymeta_run(installed, tmp_path, monkeypatch, capsys):
+    assert plugins.installed("model")["smallcnn"] == MODEL_PATH
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_experiment(model=SMALLCNN, noise=NOISE, train={"epochs": 2})))
+    code, out, err = run_cli(["run", str(config), "--store", str(tmp_path / "out")], monkeypatch, capsys)
+    assert code == 0, err
+    rows = query.load(str(tmp_path / "out"), "trials", "runs")
+    assert rows["model.name"].to_list() == ["smallcnn"] and rows["status"].to_list() == ["completed"]
+    assert rows["final_test_acc"][0] > 0.2  # it learns (chance is 0.1)
+
+
+def test_a_plugin_model_option_typo_or_a_class_that_is_not_a_model_is_refused(installed):
+    for name in ("smallcnn", MODEL_PATH):
+        with pytest.raises(ConfigError, match="model 'raymeta_example.*' has no option 'widht'.*did you mean 'width'"
+                           if ":" in name else "no option 'widht'.*did you mean 'width'"):
+            parse_experiment({"model": {"name": name, "options": {"widht": 4}}})
+    with pytest.raises(ConfigError, match="did you mean 'smallcnn'"):
+        parse_experiment({"model": {"name": "smalcnn"}})
+    with pytest.raises(ConfigError, match="is not a raymeta.models.Backbone subclass"):
+        parse_experiment({"model": {"name": IMPORT_PATH}})
 
 
 def test_a_plugin_class_that_is_not_a_method_is_refused_with_the_reason(installed):

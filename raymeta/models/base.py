@@ -14,6 +14,8 @@ class Backbone(nn.Module):
     and implement ``features(x) -> (B, feature_dim)``. Inputs are normalised float tensors (B, C, H, W).
     """
 
+    name: str
+    """what configs call it (`model: {name: ...}`); a built-in model's class body says it"""
     feature_dim: int
     classifier: nn.Linear
     last_stage: str | None = None

@@ -40,6 +40,8 @@ class PreActBlock(nn.Module):
 class PreActResNet18(Backbone):
     """Pre-activation ResNet-18 (He et al. 2016, "Identity Mappings in Deep Residual Networks")."""
 
+    name = "preact_resnet18"
+
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()
         require(image_size >= 8, f"preact_resnet18 needs image_size >= 8 (e.g. 32), got {image_size}")
@@ -62,6 +64,8 @@ class PreActResNet18(Backbone):
 
 class WideResNet(Backbone):
     """Wide ResNet WRN-depth-width (Zagoruyko & Komodakis 2016, "Wide Residual Networks")."""
+
+    name = "wrn"
 
     def __init__(
         self,
@@ -143,6 +147,8 @@ class BasicBlock(nn.Module):
 
 class ResNet32(Backbone):
     """CIFAR ResNet-32 (He et al. 2016) as used by MW-Net (Shu et al. 2019); depth = 6*blocks+2."""
+
+    name = "resnet32"
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, *, blocks: int = 5) -> None:
         super().__init__()

@@ -14,6 +14,8 @@ class MLP(Backbone):
     """Multi-layer perceptron on the flattened image, ReLU between layers (a plain baseline);
     `batchnorm: true` puts a BatchNorm1d before each ReLU."""
 
+    name = "mlp"
+
     def __init__(
         self, num_classes: int, in_channels: int, image_size: int, *, hidden: Sequence[int] = (256, 256),
         batchnorm: bool = False,
@@ -40,6 +42,8 @@ class MLP(Backbone):
 
 class LeNet(Backbone):
     """LeNet-5 (LeCun et al. 1998) with padded 5x5 convolutions, max pooling and ReLU."""
+
+    name = "lenet"
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()
@@ -70,6 +74,8 @@ def _conv_bn_relu(c_in: int, c_out: int) -> list[nn.Module]:
 
 class CNN8(Backbone):
     """The 8-layer CNN (6 conv + 2 fc) of MetaLabelNet (Algan & Ulusoy 2021)."""
+
+    name = "cnn8"
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()
