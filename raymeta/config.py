@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       field_validator, model_validator)
 
 from raymeta import plugins
-from raymeta.errors import ConfigError
+from raymeta.errors import ConfigError, did_you_mean
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "imagefolder",
             "synthetic")
@@ -114,8 +114,10 @@ class DatasetConfig(_Config):
 
 
 class NoiseConfig(_Config):
-    type: Literal[NOISE_TYPES] = "none"
-    """how noisy labels are made; see docs/noise.md for the exact semantics of each type"""
+    type: str = "none"
+    """how noisy labels are made (NOISE_TYPES; docs/noise.md has the exact semantics of each),
+    or a plugin noise model: an installed entry point of the group raymeta.noise, or an import
+    path (package.module:function)"""
     rate: float = Field(0.0, ge=0.0, lt=1.0)
     """noise rate in [0, 1); its meaning per type is in docs/noise.md"""
     file: str | None = None
@@ -127,6 +129,42 @@ class NoiseConfig(_Config):
     probs_file: str | None = None
     """feature_dependent: .npy of shape (N_train, K) with a clean-trained model's softmax
     (default: out-of-fold logistic regression on the clean training data)"""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """a plugin noise model's options (the keyword-only parameters of its function)"""
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, name: str) -> str:
+        try:
+            if name in NOISE_TYPES or plugins.load_noise(name) is not None:
+                return name
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        more = sorted(set(plugins.installed("noise")) - set(NOISE_TYPES))
+        raise ValueError(f"unknown noise type '{name}'; choose one of {', '.join(NOISE_TYPES)}"
+                         f"{did_you_mean(name, [*NOISE_TYPES, *more])}, or a plugin noise "
+                         f"model: " + (f"one installed here ({', '.join(more)}), or one "
+                                       if more else "") + "named by its import path "
+                         "(package.module:function)")
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        name = info.data.get("type")
+        if name is None:  # its own error says it
+            return options
+        if name in NOISE_TYPES:
+            if options:
+                raise ValueError(f"noise.options are a plugin noise model's; noise.type {name} "
+                                 f"takes its settings as noise fields (docs/noise.md): remove "
+                                 f"them")
+            return options
+        try:
+            plugins.check_options(f"noise model {name!r}", options,
+                                  plugins.keyword_options(plugins.load_noise(name)))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        return options
 
     @model_validator(mode="after")
     def _check(self) -> NoiseConfig:
@@ -813,6 +851,8 @@ class ExperimentConfig(_Config):
         for key in ("cache", "classes", "class_fractions", "train_size"):  # new, at their defaults
             if dataset[key] is None:
                 del dataset[key]
+        if not data["noise"]["options"]:  # new, at its default
+            del data["noise"]["options"]
         if dataset["image_size"] is None and dataset["name"] != "imagefolder":
             dataset["image_size"] = 224  # clothing1m's size, the former default
         if not getattr(self.method, "famus", False) or famus["candidates"] is not None \
@@ -841,9 +881,10 @@ class ExperimentConfig(_Config):
         """The experiment's identity in results stores: readable, and a function of the config
         digest alone, so the same experiment has the same id whichever sweep, command or pack
         of seeds ran it."""
-        noise = "clean" if self.noise.type == "none" else f"{self.noise.type}{self.noise.rate:g}"
         # a plugin's import path ("pkg.module:Class") is not a file name
-        method = re.sub(r"[^A-Za-z0-9_.-]+", "-", self.method.name)
+        readable = functools.partial(re.sub, r"[^A-Za-z0-9_.-]+", "-")
+        noise = "clean" if self.noise.type == "none" else f"{readable(self.noise.type)}{self.noise.rate:g}"
+        method = readable(self.method.name)
         method += "-famus" if getattr(self.method, "famus", False) else ""
         data = self.dataset.name + ("-pseudo" if self.meta_set.source == "pseudo" else "")
         return f"{method}_{data}_{noise}_s{self.seed}_{self.digest()}"

@@ -1,17 +1,23 @@
-"""Methods and models from other packages.
+"""Methods, models and noise models from other packages.
 
-A plugin method is a `raymeta.methods.Method` (or `MetaMethod`) subclass whose class attribute
-`options` is its config class, a `raymeta.config.MethodOptions` (or `MetaMethodOptions`)
-subclass with that method's own fields. A plugin model is a `raymeta.models.Backbone` subclass
-whose options are its `__init__`'s keyword-only parameters. Either is named in a config
+- A plugin method is a `raymeta.methods.Method` (or `MetaMethod`) subclass whose class
+  attribute `options` is its config class, a `raymeta.config.MethodOptions` (or
+  `MetaMethodOptions`) subclass with that method's own fields.
+- A plugin model is a `raymeta.models.Backbone` subclass whose options are its `__init__`'s
+  keyword-only parameters.
+- A plugin noise model is a function `(clean, num_classes, rate, rng, *, options...) ->
+  noisy labels` of NumPy arrays, whose options are its keyword-only parameters.
 
-- by an entry point of the group `raymeta.methods` or `raymeta.models` that its package
-  declares (`[project.entry-points."raymeta.methods"]` `my_method = "my_pkg.module:MyMethod"`), or
+Each is named in a config
+
+- by an entry point of the group `raymeta.methods`, `raymeta.models` or `raymeta.noise` that
+  its package declares (`[project.entry-points."raymeta.methods"]`
+  `my_method = "my_pkg.module:MyMethod"`), or
 - by its import path, `method: {name: "my_pkg.module:MyMethod", ...}`.
 
 Its options are validated like a built-in's (unknown keys get a did-you-mean), before any data
 or Ray. The module is imported then, so a plugin's config check costs its imports. Ray trials
-are handed the names resolved here (`resolved`) and import the same classes: the package must
+are handed the names resolved here (`resolved`) and import the same objects: the package must
 be importable on every node (installed, or shipped with Ray's runtime_env).
 This module itself imports neither torch nor Ray.
 """
@@ -20,14 +26,16 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import inspect
 
-from raymeta.errors import ConfigError
+from raymeta.errors import ConfigError, did_you_mean
 
-GROUPS = {"method": "raymeta.methods", "model": "raymeta.models"}
+GROUPS = {"method": "raymeta.methods", "model": "raymeta.models", "noise": "raymeta.noise"}
 """kind -> the entry-point group its plugins declare"""
 
 _CLASSES: dict[str, dict[str, type]] = {kind: {} for kind in GROUPS}
-"""kind -> plugin name -> its class, for the plugins loaded in this process"""
+"""kind -> plugin name -> its class (a noise model: its function), for the plugins loaded in
+this process"""
 _TARGETS: dict[str, dict[str, str]] = {kind: {} for kind in GROUPS}
 """kind -> plugin name -> "module:attribute" it was loaded from"""
 
@@ -67,6 +75,38 @@ def load_model(name: str, target: str | None = None) -> type | None:
                               f"(a model's class: features(x) plus a linear classifier)")
 
     return _load("model", name, target, check)
+
+
+def load_noise(name: str, target: str | None = None):
+    """The function of the plugin noise model `name`; None when `name` names no plugin."""
+    def check(function, target: str) -> None:
+        if not callable(function) or isinstance(function, type):
+            raise ConfigError(f"noise model '{name}': {target} is not a function (a noise model "
+                              f"is a function (clean, num_classes, rate, rng, *, options...) -> "
+                              f"noisy labels)")
+
+    return _load("noise", name, target, check)
+
+
+def keyword_options(function) -> dict[str, object]:
+    """The keyword-only parameters of `function` -> their defaults (a plugin's options)."""
+    params = inspect.signature(function).parameters.values()
+    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def check_options(what: str, options: dict, allowed: dict[str, object]) -> None:
+    """ConfigError unless every key of `options` is one of `allowed` (name -> default, as
+    `keyword_options` gives them) and every option without a default is given. `what`: e.g.
+    "model 'mlp'"."""
+    for key in options:
+        if key not in allowed:
+            listed = ", ".join(allowed) if allowed else "none"
+            raise ConfigError(f"{what} has no option {key!r}; its options: "
+                              f"{listed}{did_you_mean(key, list(allowed))}")
+    missing = [key for key, default in allowed.items()
+               if default is inspect.Parameter.empty and key not in options]
+    if missing:
+        raise ConfigError(f"{what} needs the option(s) {', '.join(missing)}")
 
 
 def _load(kind: str, name: str, target: str | None, check) -> type | None:
@@ -114,7 +154,7 @@ def resolved() -> dict[str, dict[str, str]]:
 
 def restore(targets: dict[str, dict[str, str]] | None) -> None:
     """In a Ray trial: load the plugins the driver resolved."""
-    loaders = {"method": load_method, "model": load_model}
+    loaders = {"method": load_method, "model": load_model, "noise": load_noise}
     for kind, named in (targets or {}).items():
         for name, target in named.items():
             loaders[kind](name, target)

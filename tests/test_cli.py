@@ -63,7 +63,7 @@ def test_bad_input_exits_2_with_the_reason(tmp_path):
     bad.write_text("name: q\nbase: {noise: {type: unifrom, rate: 0.4}}\ngrid: {seed: [0]}\n")
     proc = raymeta("sweep", str(bad), cwd=tmp_path, check=False)
     assert proc.returncode == 2
-    assert "noise.type: 'unifrom' is not allowed" in proc.stderr and "did you mean 'uniform'" in proc.stderr
+    assert "noise.type: unknown noise type 'unifrom'" in proc.stderr and "did you mean 'uniform'" in proc.stderr
     assert not (tmp_path / "results").exists()  # nothing written, no Ray started
     proc = raymeta("validate", str(bad), cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "unifrom" in proc.stderr

@@ -8,7 +8,7 @@ from raymeta.orchestrate.grid import expand, load_sweep, read_yaml
 
 BAD_EXPERIMENTS = [
     ({"noise": {"typ": "uniform"}}, "unknown key 'noise.typ' (did you mean 'noise.type'?)"),
-    ({"noise": {"type": "unifrom"}}, "noise.type: 'unifrom' is not allowed; choose one of"),
+    ({"noise": {"type": "unifrom"}}, "noise.type: unknown noise type 'unifrom'; choose one of"),
     ({"noise": {"type": "unifrom"}}, "(did you mean 'uniform'?)"),
     ({"method": {"name": "mwnett"}}, "method.name: unknown method 'mwnett'; choose one of 'ce'"),
     ({"noise": {"type": "uniform", "rate": 1.0}}, "noise.rate: Input should be less than 1"),

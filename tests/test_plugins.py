@@ -1,6 +1,6 @@
-"""A method and a model from another package (examples/raymeta-example): found through their
-entry points or import paths, validated like built-ins, trained by `raymeta run` and in a real
-Ray Tune sweep, and counted in summaries like any other row."""
+"""A method, a model and a noise model from another package (examples/raymeta-example): found
+through their entry points or import paths, validated like built-ins, trained by `raymeta run`
+and in a real Ray Tune sweep, and counted in summaries like any other row."""
 
 import sys
 
@@ -18,6 +18,8 @@ from raymeta.results import query
 IMPORT_PATH = "raymeta_example.threshold:MetaThreshold"
 MODEL_PATH = "raymeta_example.smallcnn:SmallCNN"
 SMALLCNN = {"name": "smallcnn", "options": {"width": 4}}
+NOISE_PATH = "raymeta_example.noise:within_block"
+WITHIN_BLOCK = {"type": "within_block", "rate": 0.4, "options": {"block": 5}}
 NOISE = {"type": "uniform", "rate": 0.4}
 
 
@@ -30,7 +32,8 @@ def installed(tmp_path, monkeypatch):
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: raymeta-example\nVersion: 0.1.0\n")
     (info / "entry_points.txt").write_text(f"[raymeta.methods]\nthreshold = {IMPORT_PATH}\n\n"
-                                           f"[raymeta.models]\nsmallcnn = {MODEL_PATH}\n")
+                                           f"[raymeta.models]\nsmallcnn = {MODEL_PATH}\n\n"
+                                           f"[raymeta.noise]\nwithin_block = {NOISE_PATH}\n")
     monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN))
     monkeypatch.syspath_prepend(str(site))
     return site
@@ -92,16 +95,18 @@ def test_plugin_methods_and_models_run_in_a_real_tune_sweep_beside_builtins(inst
     spec = parse_sweep({"name": "plug", "store": str(tmp_path), "base": base,
                         "grid": {".": [{"method": {"name": "ce"}, "model": mlp},
                                        {"method": {"name": "threshold"}, "model": mlp},
-                                       {"model": SMALLCNN}],
+                                       {"model": SMALLCNN}, {"noise": WITHIN_BLOCK, "model": mlp}],
                                  "seed": [0, 1]}})
     assert run_sweep(spec, expand(spec)).failed == 0
     trials = query.load(str(tmp_path), "trials", "plug")
-    assert sorted(zip(trials["method.name"], trials["model.name"])) == [
-        ("ce", "mlp"), ("ce", "mlp"), ("ce", "smallcnn"), ("ce", "smallcnn"),
-        ("threshold", "mlp"), ("threshold", "mlp")]
+    assert sorted(zip(trials["method.name"], trials["model.name"], trials["noise.type"])) == [
+        ("ce", "mlp", "uniform"), ("ce", "mlp", "uniform"), ("ce", "mlp", "within_block"),
+        ("ce", "mlp", "within_block"), ("ce", "smallcnn", "uniform"), ("ce", "smallcnn", "uniform"),
+        ("threshold", "mlp", "uniform"), ("threshold", "mlp", "uniform")]
     assert set(trials["status"]) == {"completed"}
     table = query.summary(trials.filter(trials["model.name"] == "mlp"))
     assert {"ce", "threshold"} <= set(table["method"]) and "(2)" in str(table)
+    assert "within_block 0.4" in table.columns  # the plugin noise's own column
     by_model = query.summary(trials.filter(trials["method.name"] == "ce"), by=["model.name"])
     assert set(by_model["model.name"]) == {"smallcnn", "mlp"}
 
@@ -131,3 +136,31 @@ def test_a_plugin_model_option_typo_or_a_class_that_is_not_a_model_is_refused(in
 def test_a_plugin_class_that_is_not_a_method_is_refused_with_the_reason(installed):
     with pytest.raises(ConfigError, match="is not a raymeta.methods.Method subclass"):
         parse_experiment({"method": {"name": "raymeta_example.threshold:Threshold"}})
+
+
+def test_a_plugin_noise_model_makes_the_labels_and_its_options_are_checked(installed, monkeypatch):
+    """The plugin's labels are what training sees: its confusions stay inside their blocks of
+    5 classes, at about its rate, the same for a seed; a typo in its option, a built-in type
+    given options, or labels out of range are refused with what to fix."""
+    import numpy as np
+
+    from raymeta.data.bundle import build_data
+
+    cfg = parse_experiment(tiny_experiment(noise=WITHIN_BLOCK))
+    noise = build_data(cfg).noise
+    assert noise.transition[:5, 5:].sum() == 0 == noise.transition[5:, :5].sum()
+    assert noise.realized_rate == pytest.approx(0.4, abs=0.05)
+    assert build_data(parse_experiment(tiny_experiment(noise={**WITHIN_BLOCK, "type": NOISE_PATH}))
+                      ).noise.sha == noise.sha
+    assert "within_block0.4" in cfg.trial_id()
+    with pytest.raises(ConfigError, match="has no option 'blok'; its options: block .did you mean 'block'"):
+        parse_experiment({"noise": {**WITHIN_BLOCK, "options": {"blok": 5}}})
+    with pytest.raises(ConfigError, match="noise.options are a plugin noise model's"):
+        parse_experiment({"noise": {"type": "uniform", "rate": 0.4, "options": {"block": 5}}})
+    with pytest.raises(ConfigError, match="did you mean 'within_block'"):
+        parse_experiment({"noise": {"type": "within_blok", "rate": 0.4}})
+    from raymeta.data.noise import make_noisy_labels
+
+    monkeypatch.setitem(plugins._CLASSES["noise"], "out_of_range", lambda clean, k, rate, rng: clean + k)
+    with pytest.raises(ConfigError, match="must return integer labels in 0..9"):
+        make_noisy_labels(np.arange(10), 10, "out_of_range", 0.4, np.random.default_rng(0))

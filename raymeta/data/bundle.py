@@ -211,7 +211,8 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
     noise_rng = seeded_rng(cfg.seed, "noise")
     given, probs = _noise_inputs(raw, cfg, keep)
     noise = make_noisy_labels(clean, k, cfg.noise.type, cfg.noise.rate, noise_rng,
-                              given=given, probs=probs, mapping=cfg.noise.mapping)
+                              given=given, probs=probs, mapping=cfg.noise.mapping,
+                              options=cfg.noise.options)
     given_labels = noise.labels.copy()
     if cfg.dataset.unlabeled_fraction > 0:  # hidden labels are -1; methods skip or learn them
         hidden = seeded_rng(cfg.seed, "unlabeled").permutation(len(keep))

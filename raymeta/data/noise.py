@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raymeta import plugins
+from raymeta.config import NOISE_TYPES
 from raymeta.errors import ConfigError
 
 CIFAR10_ASYMMETRIC = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
@@ -46,18 +48,23 @@ class NoisyLabels:
 def make_noisy_labels(clean: np.ndarray, num_classes: int, noise_type: str, rate: float,
                       rng: np.random.Generator, *, given: np.ndarray | None = None,
                       probs: np.ndarray | None = None,
-                      mapping: dict[int, int] | None = None) -> NoisyLabels:
+                      mapping: dict[int, int] | None = None,
+                      options: dict | None = None) -> NoisyLabels:
     """Corrupt `clean` labels; see the module docstring for what `rate` means per type.
 
     Args:
         clean: clean labels, int, shape (N,); -1 marks an unknown clean label (real noise only).
+        noise_type: a built-in type, or a plugin noise model's name (raymeta.plugins).
         rng: the only source of randomness.
         given: real: the noisy labels to use.
         probs: feature_dependent: (N, K) softmax of a model trained on clean data.
         mapping: asymmetric: source class -> target class.
+        options: a plugin noise model's options.
     """
     clean = np.asarray(clean, dtype=np.int64)
-    if noise_type == "real":
+    if noise_type not in NOISE_TYPES:
+        noisy = _plugin_noise(noise_type, clean, num_classes, rate, rng, options or {})
+    elif noise_type == "real":
         if given is None:
             raise ConfigError("noise.type real needs labels: set noise.file (or use a dataset "
                               "that ships noisy labels, like clothing1m)")
@@ -76,6 +83,19 @@ def make_noisy_labels(clean: np.ndarray, num_classes: int, noise_type: str, rate
         noisy = _per_class(clean, num_classes, noise_type, rate, rng, mapping)
     return NoisyLabels(noisy, realized_transition(clean, noisy, num_classes),
                        _wrong_rate(clean, noisy))
+
+
+def _plugin_noise(name: str, clean, num_classes, rate, rng, options) -> np.ndarray:
+    function = plugins.load_noise(name)
+    if function is None:
+        raise ConfigError(f"unknown noise type '{name}'")
+    noisy = np.asarray(function(clean.copy(), num_classes, rate, rng, **options))
+    if noisy.shape != clean.shape or not np.issubdtype(noisy.dtype, np.integer) \
+            or (len(noisy) and (noisy.min() < 0 or noisy.max() >= num_classes)):
+        raise ConfigError(f"noise model '{name}' returned labels of shape {noisy.shape} and "
+                          f"dtype {noisy.dtype}; it must return integer labels in "
+                          f"0..{num_classes - 1}, one per clean label (shape {clean.shape})")
+    return noisy.astype(np.int64)
 
 
 def exact_count(n: int, rate: float) -> int:

@@ -84,24 +84,13 @@ def model_options(name: str) -> dict[str, object]:
     """The options model `name` accepts, with their defaults (without torch for a built-in)."""
     if name in _builtins():
         return dict(_builtins()[name].options)
-    params = inspect.signature(model_class(name).__init__).parameters.values()
-    return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return plugins.keyword_options(model_class(name).__init__)
 
 
 def check_model(name: str, options: dict[str, object]) -> None:
     """ConfigError unless `name` is a model and `options` are among its options (their values
     are checked when it is built)."""
-    allowed = model_options(name)
-    for key in options:
-        if key not in allowed:
-            listed = ", ".join(allowed) if allowed else "none"
-            raise ConfigError(f"model {name!r} has no option {key!r}; its options: "
-                              f"{listed}{did_you_mean(key, list(allowed))}")
-    missing = [key for key, default in allowed.items()
-               if default is inspect.Parameter.empty and key not in options]
-    if missing:
-        raise ConfigError(f"model {name!r} needs the option(s) {', '.join(missing)} "
-                          f"(model.options)")
+    plugins.check_options(f"model {name!r}", options, model_options(name))
 
 
 def _unknown(name: str) -> str:

@@ -1,1 +1,2 @@
-"""An example raymeta plugin: a meta method and a model in a package of its own (docs/extending.md)."""
+"""An example raymeta plugin: a meta method, a model and a noise model in a package of its own
+(docs/extending.md)."""
