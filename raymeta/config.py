@@ -20,7 +20,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       field_validator, model_validator)
 
 from raymeta import plugins
-from raymeta.errors import ConfigError, did_you_mean
+from raymeta.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "imagefolder",
             "synthetic")
@@ -40,14 +40,48 @@ class _Config(BaseModel):
     (`ExperimentConfig.unread`)"""
 
 
+def _built_in_or_plugin(name: str, builtins: tuple[str, ...], kind: str, what: str) -> str:
+    """`name`, when it is a built-in or a plugin of `kind` (a dataset, a noise model)."""
+    try:
+        if name in builtins or plugins.LOADERS[kind](name) is not None:
+            return name
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    called = "noise type" if kind == "noise" else what
+    raise ValueError(plugins.unknown(kind, what, name, builtins, "package.module:function", called))
+
+
+def _plugin_options(options: dict[str, Any], name: str | None, builtins: tuple[str, ...],
+                    kind: str, what: str) -> dict[str, Any]:
+    """A plugin dataset's or noise model's options, checked against its keyword-only
+    parameters; a built-in takes its settings as fields of its section, not options."""
+    if name is None:  # the name's own error says it
+        return options
+    if name in builtins:
+        if options:
+            raise ValueError(f"options are a plugin {what}'s; the built-in {name} takes its "
+                             f"settings as fields of its section: remove them")
+        return options
+    try:
+        plugins.check_options(f"{what} {name!r}", options,
+                              plugins.keyword_options(plugins.LOADERS[kind](name)))
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+    return options
+
+
 # ---------------------------------------------------------------------------------- data
 class DatasetConfig(_Config):
-    name: Literal[DATASETS] = "digits"
+    name: str = "digits"
     """which dataset: digits (bundled with scikit-learn), mnist, fashion_mnist, cifar10,
     cifar100, clothing1m, imagefolder (your own images: root/train/<class>/*, root/test/<class>/*,
-    optionally root/val/<class>/*), synthetic (seeded Gaussian blobs)"""
+    optionally root/val/<class>/*), synthetic (seeded Gaussian blobs); or a plugin dataset:
+    an installed entry point of the group raymeta.datasets, or an import path
+    (package.module:function)"""
     root: str | None = None
     """folder that holds the dataset files (not needed for digits and synthetic)"""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """a plugin dataset's options (the keyword-only parameters of its function)"""
     cache: str | None = None
     """imagefolder: where the decoded images are kept for the next run (default: a
     .raymeta-cache folder inside root, or ~/.cache/raymeta when root is read-only)"""
@@ -85,6 +119,16 @@ class DatasetConfig(_Config):
     """synthetic only: number of classes"""
     synthetic_features: int = Field(16, ge=1)
     """synthetic only: feature dimension (samples are shaped (features, 1, 1))"""
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        return _built_in_or_plugin(name, DATASETS, "dataset", "dataset")
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _plugin_options(options, info.data.get("name"), DATASETS, "dataset", "dataset")
 
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:
@@ -135,36 +179,12 @@ class NoiseConfig(_Config):
     @field_validator("type")
     @classmethod
     def _known_type(cls, name: str) -> str:
-        try:
-            if name in NOISE_TYPES or plugins.load_noise(name) is not None:
-                return name
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        more = sorted(set(plugins.installed("noise")) - set(NOISE_TYPES))
-        raise ValueError(f"unknown noise type '{name}'; choose one of {', '.join(NOISE_TYPES)}"
-                         f"{did_you_mean(name, [*NOISE_TYPES, *more])}, or a plugin noise "
-                         f"model: " + (f"one installed here ({', '.join(more)}), or one "
-                                       if more else "") + "named by its import path "
-                         "(package.module:function)")
+        return _built_in_or_plugin(name, NOISE_TYPES, "noise", "noise model")
 
     @field_validator("options")
     @classmethod
     def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        name = info.data.get("type")
-        if name is None:  # its own error says it
-            return options
-        if name in NOISE_TYPES:
-            if options:
-                raise ValueError(f"noise.options are a plugin noise model's; noise.type {name} "
-                                 f"takes its settings as noise fields (docs/noise.md): remove "
-                                 f"them")
-            return options
-        try:
-            plugins.check_options(f"noise model {name!r}", options,
-                                  plugins.keyword_options(plugins.load_noise(name)))
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
-        return options
+        return _plugin_options(options, info.data.get("type"), NOISE_TYPES, "noise", "noise model")
 
     @model_validator(mode="after")
     def _check(self) -> NoiseConfig:
@@ -851,8 +871,9 @@ class ExperimentConfig(_Config):
         for key in ("cache", "classes", "class_fractions", "train_size"):  # new, at their defaults
             if dataset[key] is None:
                 del dataset[key]
-        if not data["noise"]["options"]:  # new, at its default
-            del data["noise"]["options"]
+        for section in ("noise", "dataset"):  # options: new, at their default
+            if not data[section]["options"]:
+                del data[section]["options"]
         if dataset["image_size"] is None and dataset["name"] != "imagefolder":
             dataset["image_size"] = 224  # clothing1m's size, the former default
         if not getattr(self.method, "famus", False) or famus["candidates"] is not None \
@@ -886,7 +907,7 @@ class ExperimentConfig(_Config):
         noise = "clean" if self.noise.type == "none" else f"{readable(self.noise.type)}{self.noise.rate:g}"
         method = readable(self.method.name)
         method += "-famus" if getattr(self.method, "famus", False) else ""
-        data = self.dataset.name + ("-pseudo" if self.meta_set.source == "pseudo" else "")
+        data = readable(self.dataset.name) + ("-pseudo" if self.meta_set.source == "pseudo" else "")
         return f"{method}_{data}_{noise}_s{self.seed}_{self.digest()}"
 
 

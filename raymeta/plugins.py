@@ -1,17 +1,20 @@
-"""Methods, models and noise models from other packages.
+"""Methods, models, datasets and noise models from other packages.
 
 - A plugin method is a `raymeta.methods.Method` (or `MetaMethod`) subclass whose class
   attribute `options` is its config class, a `raymeta.config.MethodOptions` (or
   `MetaMethodOptions`) subclass with that method's own fields.
 - A plugin model is a `raymeta.models.Backbone` subclass whose options are its `__init__`'s
   keyword-only parameters.
+- A plugin dataset is a function `(root, *, options...) -> raymeta.data.datasets.RawData`
+  (the clean training and test splits as arrays), whose options are its keyword-only
+  parameters.
 - A plugin noise model is a function `(clean, num_classes, rate, rng, *, options...) ->
   noisy labels` of NumPy arrays, whose options are its keyword-only parameters.
 
 Each is named in a config
 
-- by an entry point of the group `raymeta.methods`, `raymeta.models` or `raymeta.noise` that
-  its package declares (`[project.entry-points."raymeta.methods"]`
+- by an entry point of the group `raymeta.methods`, `raymeta.models`, `raymeta.datasets` or
+  `raymeta.noise` that its package declares (`[project.entry-points."raymeta.methods"]`
   `my_method = "my_pkg.module:MyMethod"`), or
 - by its import path, `method: {name: "my_pkg.module:MyMethod", ...}`.
 
@@ -30,12 +33,13 @@ import inspect
 
 from raymeta.errors import ConfigError, did_you_mean
 
-GROUPS = {"method": "raymeta.methods", "model": "raymeta.models", "noise": "raymeta.noise"}
+GROUPS = {"method": "raymeta.methods", "model": "raymeta.models", "dataset": "raymeta.datasets",
+          "noise": "raymeta.noise"}
 """kind -> the entry-point group its plugins declare"""
 
 _CLASSES: dict[str, dict[str, type]] = {kind: {} for kind in GROUPS}
-"""kind -> plugin name -> its class (a noise model: its function), for the plugins loaded in
-this process"""
+"""kind -> plugin name -> its class (a dataset or noise model: its function), for the plugins
+loaded in this process"""
 _TARGETS: dict[str, dict[str, str]] = {kind: {} for kind in GROUPS}
 """kind -> plugin name -> "module:attribute" it was loaded from"""
 
@@ -79,13 +83,22 @@ def load_model(name: str, target: str | None = None) -> type | None:
 
 def load_noise(name: str, target: str | None = None):
     """The function of the plugin noise model `name`; None when `name` names no plugin."""
+    return _load("noise", name, target, _a_function(
+        f"noise model '{name}'", "(clean, num_classes, rate, rng, *, options...) -> noisy labels"))
+
+
+def load_dataset(name: str, target: str | None = None):
+    """The function of the plugin dataset `name`; None when `name` names no plugin."""
+    return _load("dataset", name, target, _a_function(
+        f"dataset '{name}'", "(root, *, options...) -> raymeta.data.datasets.RawData"))
+
+
+def _a_function(what: str, signature: str):
     def check(function, target: str) -> None:
         if not callable(function) or isinstance(function, type):
-            raise ConfigError(f"noise model '{name}': {target} is not a function (a noise model "
-                              f"is a function (clean, num_classes, rate, rng, *, options...) -> "
-                              f"noisy labels)")
-
-    return _load("noise", name, target, check)
+            raise ConfigError(f"{what}: {target} is not a function (it must be a function "
+                              f"{signature})")
+    return check
 
 
 def keyword_options(function) -> dict[str, object]:
@@ -154,7 +167,21 @@ def resolved() -> dict[str, dict[str, str]]:
 
 def restore(targets: dict[str, dict[str, str]] | None) -> None:
     """In a Ray trial: load the plugins the driver resolved."""
-    loaders = {"method": load_method, "model": load_model, "noise": load_noise}
     for kind, named in (targets or {}).items():
         for name, target in named.items():
-            loaders[kind](name, target)
+            LOADERS[kind](name, target)
+
+
+LOADERS = {"method": load_method, "model": load_model, "dataset": load_dataset, "noise": load_noise}
+
+
+def unknown(kind: str, what: str, name: str, builtins: tuple[str, ...], form: str,
+            called: str | None = None) -> str:
+    """The message for a `name` that is neither a built-in nor a plugin of `kind`: the
+    built-ins, the installed plugins, the closest name, and how to name one by import path.
+    `called`: what the name is, when not `what` (a noise type names a noise model)."""
+    more = sorted(set(installed(kind)) - set(builtins))
+    return (f"unknown {called or what} {name!r}; choose one of {', '.join(builtins)}"
+            f"{did_you_mean(str(name), [*builtins, *more])}, or a plugin {what}: "
+            + (f"one installed here ({', '.join(more)}), or one " if more else "")
+            + f"named by its import path ({form})")

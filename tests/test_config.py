@@ -19,7 +19,7 @@ BAD_EXPERIMENTS = [
     ({"method": {"name": "ce", "lr": 1}}, "unknown key 'method.lr'; allowed here: name"),
     ({"meta_set": {"per_class": 5, "size": 10}}, "set exactly one of meta_set.per_class and meta_set.size"),
     ({"model": {"name": "resnet"}}, "(did you mean 'resnet50'?)"),
-    ({"dataset": {"name": "cifar"}}, "dataset.name: 'cifar' is not allowed"),
+    ({"dataset": {"name": "cifar"}}, "dataset.name: unknown dataset 'cifar'; choose one of"),
 ]
 
 

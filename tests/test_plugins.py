@@ -1,6 +1,7 @@
-"""A method, a model and a noise model from another package (examples/raymeta-example): found
-through their entry points or import paths, validated like built-ins, trained by `raymeta run`
-and in a real Ray Tune sweep, and counted in summaries like any other row."""
+"""A method, a model, a dataset and a noise model from another package
+(examples/raymeta-example): found through their entry points or import paths, validated like
+built-ins, trained by `raymeta run` and in a real Ray Tune sweep, and counted in summaries like
+any other row."""
 
 import sys
 
@@ -20,6 +21,7 @@ MODEL_PATH = "raymeta_example.smallcnn:SmallCNN"
 SMALLCNN = {"name": "smallcnn", "options": {"width": 4}}
 NOISE_PATH = "raymeta_example.noise:within_block"
 WITHIN_BLOCK = {"type": "within_block", "rate": 0.4, "options": {"block": 5}}
+DATASET_PATH = "raymeta_example.arrays:npz_arrays"
 NOISE = {"type": "uniform", "rate": 0.4}
 
 
@@ -33,10 +35,23 @@ def installed(tmp_path, monkeypatch):
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: raymeta-example\nVersion: 0.1.0\n")
     (info / "entry_points.txt").write_text(f"[raymeta.methods]\nthreshold = {IMPORT_PATH}\n\n"
                                            f"[raymeta.models]\nsmallcnn = {MODEL_PATH}\n\n"
-                                           f"[raymeta.noise]\nwithin_block = {NOISE_PATH}\n")
+                                           f"[raymeta.noise]\nwithin_block = {NOISE_PATH}\n\n"
+                                           f"[raymeta.datasets]\nnpz_arrays = {DATASET_PATH}\n")
     monkeypatch.syspath_prepend(str(EXAMPLE_PLUGIN))
     monkeypatch.syspath_prepend(str(site))
     return site
+
+
+@pytest.fixture
+def arrays(tmp_path):
+    """The digits as the example's npz_arrays dataset reads them: one .npz of four arrays."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = (digits.images * 16).astype(np.uint8), digits.target
+    np.savez(tmp_path / "data.npz", x_train=x[:1200], y_train=y[:1200], x_test=x[1200:], y_test=y[1200:])
+    return {"name": "npz_arrays", "root": str(tmp_path)}
 
 
 def run_cli(args, monkeypatch, capsys) -> tuple[int, str, str]:
@@ -87,7 +102,8 @@ def test_a_typo_in_a_plugin_option_is_refused_before_ray_with_a_did_you_mean(
         parse_experiment({"method": {"name": "raymeta_exampel.threshold:MetaThreshold"}})
 
 
-def test_plugin_methods_and_models_run_in_a_real_tune_sweep_beside_builtins(installed, ray_session, tmp_path):
+def test_every_kind_of_plugin_runs_in_a_real_tune_sweep_beside_builtins(installed, arrays, ray_session,
+                                                                        tmp_path):
     # the trials' processes have the package on their path (conftest) but not its entry points:
     # they load the classes the driver resolved
     base = tiny_experiment(noise=NOISE, train={"epochs": 3})
@@ -95,16 +111,18 @@ def test_plugin_methods_and_models_run_in_a_real_tune_sweep_beside_builtins(inst
     spec = parse_sweep({"name": "plug", "store": str(tmp_path), "base": base,
                         "grid": {".": [{"method": {"name": "ce"}, "model": mlp},
                                        {"method": {"name": "threshold"}, "model": mlp},
-                                       {"model": SMALLCNN}, {"noise": WITHIN_BLOCK, "model": mlp}],
+                                       {"model": SMALLCNN}, {"noise": WITHIN_BLOCK, "model": mlp},
+                                       {"dataset": arrays, "model": mlp}],
                                  "seed": [0, 1]}})
     assert run_sweep(spec, expand(spec)).failed == 0
     trials = query.load(str(tmp_path), "trials", "plug")
-    assert sorted(zip(trials["method.name"], trials["model.name"], trials["noise.type"])) == [
-        ("ce", "mlp", "uniform"), ("ce", "mlp", "uniform"), ("ce", "mlp", "within_block"),
-        ("ce", "mlp", "within_block"), ("ce", "smallcnn", "uniform"), ("ce", "smallcnn", "uniform"),
-        ("threshold", "mlp", "uniform"), ("threshold", "mlp", "uniform")]
+    cells = sorted(zip(trials["method.name"], trials["model.name"], trials["noise.type"],
+                       trials["dataset.name"]))
+    assert cells == sorted(2 * [("ce", "mlp", "uniform", "digits"), ("ce", "mlp", "within_block", "digits"),
+                                ("ce", "smallcnn", "uniform", "digits"), ("threshold", "mlp", "uniform", "digits"),
+                                ("ce", "mlp", "uniform", "npz_arrays")])
     assert set(trials["status"]) == {"completed"}
-    table = query.summary(trials.filter(trials["model.name"] == "mlp"))
+    table = query.summary(trials.filter((trials["model.name"] == "mlp") & (trials["dataset.name"] == "digits")))
     assert {"ce", "threshold"} <= set(table["method"]) and "(2)" in str(table)
     assert "within_block 0.4" in table.columns  # the plugin noise's own column
     by_model = query.summary(trials.filter(trials["method.name"] == "ce"), by=["model.name"])
@@ -155,7 +173,7 @@ def test_a_plugin_noise_model_makes_the_labels_and_its_options_are_checked(insta
     assert "within_block0.4" in cfg.trial_id()
     with pytest.raises(ConfigError, match="has no option 'blok'; its options: block .did you mean 'block'"):
         parse_experiment({"noise": {**WITHIN_BLOCK, "options": {"blok": 5}}})
-    with pytest.raises(ConfigError, match="noise.options are a plugin noise model's"):
+    with pytest.raises(ConfigError, match="noise.options: options are a plugin noise model's; the built-in uniform"):
         parse_experiment({"noise": {"type": "uniform", "rate": 0.4, "options": {"block": 5}}})
     with pytest.raises(ConfigError, match="did you mean 'within_block'"):
         parse_experiment({"noise": {"type": "within_blok", "rate": 0.4}})
@@ -164,3 +182,26 @@ def test_a_plugin_noise_model_makes_the_labels_and_its_options_are_checked(insta
     monkeypatch.setitem(plugins._CLASSES["noise"], "out_of_range", lambda clean, k, rate, rng: clean + k)
     with pytest.raises(ConfigError, match="must return integer labels in 0..9"):
         make_noisy_labels(np.arange(10), 10, "out_of_range", 0.4, np.random.default_rng(0))
+
+
+def test_a_plugin_dataset_is_checked_before_ray_and_trains_like_a_builtin(installed, arrays, tmp_path,
+                                                                         monkeypatch):
+    """The example's npz_arrays gives the splits; raymeta carves the meta set and makes the noise
+    on top. A typo in its option, a missing file (at the preflight, before Ray) and a function
+    that returns something else are refused with what to fix."""
+    from raymeta.data.bundle import build_data
+    from raymeta.errors import DataError
+    from raymeta.orchestrate.preflight import check_all_data
+
+    cfg = parse_experiment(tiny_experiment(dataset=arrays, noise=NOISE, meta_set={"per_class": 5}))
+    data = build_data(cfg)
+    assert len(data.meta.y) == 50 and len(data.train.y) == 1200 - 50 and data.num_classes == 10
+    assert data.noise.realized_rate == pytest.approx(0.36, abs=0.04)  # uniform 0.4 over 10 classes
+    assert cfg.trial_id().startswith("ce_npz_arrays_uniform0.4_s0_")
+    with pytest.raises(ConfigError, match="has no option 'fiel'; its options: file .did you mean 'file'"):
+        parse_experiment({"dataset": {**arrays, "options": {"fiel": "x.npz"}}})
+    with pytest.raises(DataError, match="does not exist; set dataset.root"):
+        check_all_data([parse_experiment({"dataset": {**arrays, "root": str(tmp_path / "none")}})])
+    monkeypatch.setitem(plugins._CLASSES["dataset"], "not_raw", lambda root: {"x": 1})
+    with pytest.raises(DataError, match="returned dict; it must return a raymeta.data.datasets.RawData"):
+        build_data(parse_experiment({"dataset": {"name": "not_raw"}}))

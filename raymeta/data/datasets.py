@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raymeta.config import DatasetConfig
+from raymeta import plugins
+from raymeta.config import DATASETS, DatasetConfig
 from raymeta.data import formats
 from raymeta.errors import ConfigError, DataError
 
@@ -61,6 +62,8 @@ def load_raw(cfg: DatasetConfig) -> RawData:
 
 
 def _load(cfg: DatasetConfig) -> RawData:
+    if cfg.name not in DATASETS:
+        return _plugin_dataset(cfg)
     if cfg.name == "digits":
         return _digits(cfg.test_fraction)
     if cfg.name == "synthetic":
@@ -84,6 +87,29 @@ def _load(cfg: DatasetConfig) -> RawData:
         raise ConfigError(f"unknown dataset '{cfg.name}'")
     return RawData(arrays.train_x, arrays.train_y.astype(np.int64), arrays.test_x,
                    arrays.test_y.astype(np.int64), arrays.num_classes, list(arrays.class_names))
+
+
+def _plugin_dataset(cfg: DatasetConfig) -> RawData:
+    """A plugin's RawData, checked: what the rest of raymeta takes for granted of a dataset."""
+    raw = plugins.load_dataset(cfg.name)(cfg.root, **cfg.options)
+    what = f"dataset '{cfg.name}'"
+    if not isinstance(raw, RawData):
+        raise DataError(f"{what} returned {type(raw).__name__}; it must return a "
+                        f"raymeta.data.datasets.RawData")
+    k = raw.num_classes
+    if len(raw.class_names) != k:
+        raise DataError(f"{what}: {len(raw.class_names)} class names for {k} classes")
+    for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
+        y = np.asarray(y)
+        if not isinstance(x, (np.ndarray, ImageFiles)) or (isinstance(x, np.ndarray) and x.ndim != 4):
+            raise DataError(f"{what}: {split}_x must be an array of shape (N, C, H, W) (uint8 "
+                            f"0..255 or float), got {getattr(x, 'shape', type(x).__name__)}")
+        if len(x) != len(y) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"{what}: {split}_y must hold one integer label per {split}_x "
+                            f"sample ({len(x)}), got shape {y.shape} and dtype {y.dtype}")
+        if len(y) and (y.min() < (-1 if split == "train" else 0) or y.max() >= k):
+            raise DataError(f"{what}: {split}_y has labels outside 0..{k - 1}")
+    return raw
 
 
 def keep_classes(raw: RawData, classes: list[int], name: str) -> RawData:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from raymeta import plugins
-from raymeta.errors import ConfigError, did_you_mean
+from raymeta.errors import ConfigError
 
 __all__ = ["MODEL_NAMES", "Backbone", "build_model", "check_model", "model_class", "model_options",
            "rebuild_model"]
@@ -94,11 +94,7 @@ def check_model(name: str, options: dict[str, object]) -> None:
 
 
 def _unknown(name: str) -> str:
-    more = sorted(set(plugins.installed("model")) - set(MODEL_NAMES))
-    return (f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}"
-            f"{did_you_mean(str(name).lower(), [*MODEL_NAMES, *more])}, or a plugin model: "
-            + (f"one installed here ({', '.join(more)}), or one " if more else "")
-            + "named by its import path (package.module:Class)")
+    return plugins.unknown("model", "model", name, MODEL_NAMES, "package.module:Class")
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int, **options: object):
