@@ -757,11 +757,25 @@ class ResourcesConfig(_Config):
                 "GPU": self.gpus_per_trial / self.workers_per_trial}
 
 
+_READ_BY = {"dataset.test_fraction": ("dataset", ("digits", "synthetic")),
+            **{f"dataset.synthetic_{key}": ("dataset", ("synthetic",))
+               for key in ("samples", "classes", "features")},
+            "noise.mapping": ("noise", ("asymmetric",)), "noise.file": ("noise", ("real",)),
+            "noise.key": ("noise", ("real",)), "noise.probs_file": ("noise", ("feature_dependent",))}
+"""dataset and noise settings -> (section, the datasets or noise types that read them)"""
+
+
 @functools.cache
-def _ignored_settings(method: type[_Config], famus: bool, optimizer: str,
-                      schedule: str) -> tuple[tuple[str, str], ...]:
+def _ignored_settings(method: type[_Config], famus: bool, optimizer: str, schedule: str,
+                      dataset: str = "digits", noise: str = "none") -> tuple[tuple[str, str], ...]:
     """(dotted key, why) of the settings a run of these choices never reads."""
     found = []
+    chosen = {"dataset": dataset, "noise": noise}
+    for key, (section, readers) in _READ_BY.items():
+        if chosen[section] not in readers:
+            what = "dataset" if section == "dataset" else "noise.type"
+            found.append((key, f"{what} {chosen[section]} does not read it (read by: "
+                               f"{', '.join(readers)})"))
     for key in method.unread_fields:
         takers = [n for n, c in METHOD_CONFIGS.items() if key not in c.unread_fields
                   and ("." in key or key in c.model_fields)]
@@ -884,7 +898,8 @@ class ExperimentConfig(_Config):
     def ignored(self) -> dict[str, str]:
         """The settings this run never reads (whatever their values), each with why."""
         return dict(_ignored_settings(type(self.method), bool(getattr(self.method, "famus", False)),
-                                      self.optimizer.name, self.schedule.name))
+                                      self.optimizer.name, self.schedule.name, self.dataset.name,
+                                      self.noise.type))
 
     def unread(self) -> dict[str, str]:
         """The settings this run never reads although they differ from their defaults, each
