@@ -311,14 +311,19 @@ class ScheduleConfig(_Config):
 
 
 # -------------------------------------------------------------------------------- method
-class CEConfig(_Config):
+class _MethodConfig(_Config):
+    """Base of every method's config: a built-in one here with its `name` (METHOD_CONFIGS has
+    each, in the order they are defined), a plugin's in its own package (MethodOptions)."""
+
+
+class CEConfig(_MethodConfig):
     """Plain cross-entropy on the noisy labels: the baseline every method is compared to."""
 
     name: Literal["ce"] = "ce"
     unread_fields: ClassVar[tuple[str, ...]] = ("train.meta_batch_size",)  # no meta batches
 
 
-class _MetaConfig(_Config):
+class _MetaConfig(_MethodConfig):
     """Settings every meta-learning method shares (the bilevel engine's knobs)."""
 
     meta_interval: int = Field(1, ge=1)
@@ -439,7 +444,7 @@ class MetaLabelNetConfig(_MetaConfig):
 
 
 # ----------------------------------------------------------------- baselines (no meta step)
-class GCEConfig(_Config):
+class GCEConfig(_MethodConfig):
     """Generalized Cross Entropy (Zhang & Sabuncu, NeurIPS 2018): the Lq loss (1 - p_y^q) / q,
     between CE (q -> 0) and MAE (q = 1); truncated at p_y = k with pruning (the paper's
     truncated Lq)."""
@@ -460,7 +465,7 @@ class GCEConfig(_Config):
     """epochs between prunings (paper: 10)"""
 
 
-class SCEConfig(_Config):
+class SCEConfig(_MethodConfig):
     """Symmetric Cross Entropy (Wang et al., ICCV 2019): alpha CE + beta reverse CE, with
     log 0 of the one-hot label taken as A."""
 
@@ -475,7 +480,7 @@ class SCEConfig(_Config):
     one-hot label at 1e-4: ln 1e-4 = -9.2103)"""
 
 
-class _CorrectionConfig(_Config):
+class _CorrectionConfig(_MethodConfig):
     """Settings of the two-stage loss corrections: train CE, estimate T, train corrected."""
 
     plain_ce_until: ClassVar[str | None] = "estimate_epoch"
@@ -513,7 +518,7 @@ class GLCConfig(_CorrectionConfig):
     name: Literal["glc"] = "glc"
 
 
-class CoteachingConfig(_Config):
+class CoteachingConfig(_MethodConfig):
     """Co-teaching (Han et al., NeurIPS 2018): two networks; each trains on the small-loss
     samples chosen by the other, keeping 1 - forget rate of each batch."""
 
@@ -535,11 +540,18 @@ class CoteachingConfig(_Config):
     reported as peer_test_acc)"""
 
 
-METHOD_CONFIGS: dict[str, type[_Config]] = {
-    "ce": CEConfig, "mwnet": MWNetConfig, "l2r": L2RConfig, "mlc": MLCConfig,
-    "mlnt": MLNTConfig, "metalabelnet": MetaLabelNetConfig, "gce": GCEConfig, "sce": SCEConfig,
-    "forward": ForwardConfig, "glc": GLCConfig, "coteaching": CoteachingConfig}
-"""method name -> its config class (a plugin method joins it when a config names it)"""
+def _built_in_method_configs(base: type = _MethodConfig) -> dict[str, type[_Config]]:
+    found = {}
+    for cls in base.__subclasses__():
+        if "name" in cls.model_fields:
+            found[cls.model_fields["name"].default] = cls
+        found.update(_built_in_method_configs(cls))
+    return found
+
+
+METHOD_CONFIGS: dict[str, type[_Config]] = _built_in_method_configs()
+"""method name -> its config class: every method config defined above, by its `name` (a
+plugin method joins it when a config names it)"""
 
 
 def _method_union() -> Any:
@@ -551,7 +563,7 @@ MethodConfig = _method_union()
 METHODS = tuple(METHOD_CONFIGS)
 """the built-in methods"""
 
-MethodOptions = _Config
+MethodOptions = _MethodConfig
 """base class of a plugin method's options (raymeta.plugins): its own fields, documented in
 place; `name` is set by raymeta"""
 MetaMethodOptions = _MetaConfig
@@ -561,7 +573,7 @@ virtual_step, virtual_lr, meta_lr, famus)"""
 
 def register_method_config(name: str, options: Any, where: str = "options") -> type[_Config]:
     """Make a plugin method's options a member of the method union under `name`."""
-    if not (isinstance(options, type) and issubclass(options, _Config)):
+    if not (isinstance(options, type) and issubclass(options, _MethodConfig)):
         raise ConfigError(f"method '{name}': {where} must be a subclass of "
                           f"raymeta.config.MethodOptions or MetaMethodOptions (got {options!r})")
     if "name" in options.model_fields:

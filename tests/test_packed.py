@@ -8,7 +8,7 @@ from conftest import tiny_experiment
 
 from raymeta.config import parse_experiment, parse_sweep
 from raymeta.errors import ConfigError
-from raymeta.methods.packed import PACKABLE
+from raymeta.methods import PACKABLE
 from raymeta.models import build_model
 from raymeta.models.packed import PackedModel
 from raymeta.orchestrate.grid import expand, pack_cells

@@ -5,23 +5,41 @@ Knows nothing of Ray or storage.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from raymeta import plugins
 from raymeta.methods.base import Method, MetaMethod, StepOutput
-from raymeta.methods.coteaching import Coteaching
-from raymeta.methods.correction import GLC, Forward
 from raymeta.methods.engine import Engine
-from raymeta.methods.gce import GCE
-from raymeta.methods.l2r import L2R
-from raymeta.methods.metalabelnet import MetaLabelNet
-from raymeta.methods.mlc import MLC
-from raymeta.methods.mlnt import MLNT
-from raymeta.methods.mwnet import MWNet
-from raymeta.methods.sce import SCE
 
-METHOD_CLASSES: dict[str, type[Method]] = {
-    "ce": Method, "mwnet": MWNet, "l2r": L2R, "mlc": MLC, "mlnt": MLNT,
-    "metalabelnet": MetaLabelNet, "gce": GCE, "sce": SCE, "forward": Forward, "glc": GLC,
-    "coteaching": Coteaching}
+for _module in pkgutil.iter_modules(__path__):  # every method's own file: adding one touches only it
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _built_ins(cls: type[Method] = Method) -> dict[str, type[Method]]:
+    """The classes here that say their own `name` (Method itself is ce), by that name."""
+    found = {cls.name: cls} if "name" in vars(cls) and cls.__module__.startswith(__name__) else {}
+    for sub in cls.__subclasses__():
+        found.update(_built_ins(sub))
+    return found
+
+
+def _in_config_order() -> dict[str, type[Method]]:
+    from raymeta.config import METHODS
+
+    found = _built_ins()
+    if set(found) != set(METHODS):  # a method's class and its config go together
+        raise RuntimeError(f"methods with a class but no config: {sorted(set(found) - set(METHODS))}; "
+                           f"with a config but no class: {sorted(set(METHODS) - set(found))}")
+    return {name: found[name] for name in METHODS}
+
+
+METHOD_CLASSES: dict[str, type[Method]] = _in_config_order()
+"""the built-in methods by name, in the order of their configs (raymeta.config.METHODS)"""
+PACKABLE: tuple[str, ...] = tuple(n for n, c in METHOD_CLASSES.items() if vars(c).get("packable"))
+"""the methods whose class says `packable = True` (raymeta.methods.packed): their steps depend
+only on their own logits, batch and meta-model, or on their seed's model as it was at an
+epoch's start"""
 
 
 def build_method(cfg, num_classes: int, model) -> Method:
@@ -29,4 +47,4 @@ def build_method(cfg, num_classes: int, model) -> Method:
     return cls(cfg, num_classes, model)
 
 
-__all__ = ["Engine", "Method", "MetaMethod", "StepOutput", "build_method", "METHOD_CLASSES"]
+__all__ = ["Engine", "Method", "MetaMethod", "StepOutput", "build_method", "METHOD_CLASSES", "PACKABLE"]

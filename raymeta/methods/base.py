@@ -98,6 +98,10 @@ class Method:
     """Plain cross-entropy training; every other method overrides only what differs."""
 
     name = "ce"
+    """what configs call it; a built-in method's class says it (raymeta.methods.METHOD_CLASSES)"""
+    packable = True
+    """the seeds of a run can be packed into one model (raymeta.methods.packed); a class says
+    it itself, it is not inherited"""
     uses_meta_batch = False
 
     def __init__(self, cfg, num_classes: int, model: nn.Module):

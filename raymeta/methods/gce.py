@@ -28,6 +28,7 @@ from raymeta.parallel import batch_mean
 
 class GCE(Method):
     name = "gce"
+    packable = True
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

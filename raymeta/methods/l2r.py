@@ -17,6 +17,7 @@ from raymeta.parallel import global_sum
 
 class L2R(MetaMethod):
     name = "l2r"
+    packable = True
     per_sample_meta_parameters = True
 
     def __init__(self, cfg, num_classes, model):

@@ -32,6 +32,7 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 class MetaLabelNet(MetaMethod):
     name = "metalabelnet"
+    packable = True
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

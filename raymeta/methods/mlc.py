@@ -41,6 +41,7 @@ class Transition(nn.Module):
 
 class MLC(MetaMethod):
     name = "mlc"
+    packable = True
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

@@ -31,6 +31,7 @@ class WeightNet(nn.Module):
 
 class MWNet(MetaMethod):
     name = "mwnet"
+    packable = True
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

@@ -15,15 +15,14 @@ from raymeta import plugins
 from raymeta.data.loader import PackedBatch
 from raymeta.methods.base import MetaMethod, Method, StepOutput
 
-PACKABLE = ("ce", "mwnet", "l2r", "mlc", "metalabelnet", "gce", "sce")
-"""methods whose steps depend only on their own logits, batch and meta-model, or on their seed's
-model as it was at an epoch's start (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own
-models are updated at each epoch's end). MLNT steps a teacher copy of the model inside every
-step."""
-
-
 def packing_problem(cfg) -> str | None:
-    """Why the seeds of this experiment cannot be packed into one process (None: they can)."""
+    """Why the seeds of this experiment cannot be packed into one process (None: they can).
+    A method packs when its class says `packable = True`: its steps depend only on its own
+    logits, batch and meta-model, or on its seed's model as it was at an epoch's start
+    (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own models are updated at each
+    epoch's end). MLNT steps a teacher copy of the model inside every step."""
+    from raymeta.methods import PACKABLE
+
     name = cfg.method.name
     what = "packed seeds (resources.seeds_per_trial > 1, raymeta run --seeds)"
     if name not in PACKABLE:

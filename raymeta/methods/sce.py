@@ -24,6 +24,7 @@ from raymeta.parallel import batch_mean
 
 class SCE(Method):
     name = "sce"
+    packable = True
 
     def train_loss(self, logits, batch):
         p_y = label_log_prob(logits, batch.y).exp()
