@@ -1,25 +1,23 @@
-"""Tests for raymeta.models: shapes, the features/classifier split, functional calls, counts, errors."""
+"""Tests for raymeta.models: shapes, the features/classifier split, functional calls, counts, errors.
+
+The checks every model passes run on every built-in model and on the example plugin's, each
+built as its class's `example` says: a new model is checked by being there."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
+from conftest import EXAMPLE_PLUGIN
 from torch.func import functional_call
 
 from raymeta.errors import ConfigError, DataError
-from raymeta.models import MODEL_NAMES, Backbone, build_model, model_options
+from raymeta.models import MODEL_NAMES, Backbone, build_model, model_class, model_options
 
 K = 5
-# name -> (in_channels, image_size, tiny options) used by the generic tests.
-TINY = {
-    "mlp": (3, 8, {"hidden": [16, 12]}),
-    "lenet": (1, 28, {}),
-    "cnn8": (3, 16, {}),
-    "preact_resnet18": (3, 8, {}),
-    "wrn": (3, 8, {"depth": 10, "width": 1}),
-    "resnet32": (3, 8, {"blocks": 1}),
-    "resnet50": (3, 32, {}),
-}
+sys.path.insert(0, str(EXAMPLE_PLUGIN))  # the example plugin's model, by its import path
+EVERY_MODEL = (*MODEL_NAMES, "raymeta_example.smallcnn:SmallCNN")
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -28,15 +26,11 @@ def n_params(model: torch.nn.Module) -> int:
 
 def tiny(name: str) -> tuple[Backbone, torch.Tensor]:
     torch.manual_seed(0)
-    c, s, opts = TINY[name]
+    c, s, opts = model_class(name).example
     return build_model(name, K, c, s, **opts), torch.randn(2, c, s, s)
 
 
-def test_registry_lists_every_model():
-    assert set(MODEL_NAMES) == set(TINY)
-
-
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", EVERY_MODEL)
 def test_shapes_split_and_gradients(name):
     model, x = tiny(name)
     assert isinstance(model, Backbone)
@@ -55,7 +49,7 @@ def test_shapes_split_and_gradients(name):
         torch.testing.assert_close(model(x), model.classifier(feats))
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", EVERY_MODEL)
 def test_functional_call_and_channels_last(name):
     model, x = tiny(name)
     model.eval()
@@ -102,6 +96,18 @@ def test_mlp_takes_any_input_shape():
     assert model(torch.randn(3, 2, 5, 5)).shape == (3, 7)
 
 
+def test_cnn9_parameter_count_is_coteachings():
+    # convs 3x3 (weights + bias): 3*128*9+128 = 3,584; 2 x (128*128*9+128) = 295,168;
+    #   128*256*9+256 = 295,168; 2 x (256*256*9+256) = 1,180,160; 256*512*9+512 = 1,180,160;
+    #   512*256*9+256 = 1,179,904; 256*128*9+128 = 295,040
+    # BatchNorm2d (2 per channel): 2*(3*128 + 3*256 + 512 + 256 + 128) = 4,096
+    # classifier 128*10+10 = 1,290; total 4,434,570
+    model = build_model("cnn9", 10, 3, 32)
+    assert n_params(model) == 4_434_570 and model.feature_dim == 128
+    with pytest.raises(ConfigError, match="at least 28"):
+        build_model("cnn9", 10, 3, 16)
+
+
 def test_preact_resnet18_parameter_count():
     # stem 3*64*9 = 1,728
     # stage 64:  2 * (bn 128 + conv 36,864 + bn 128 + conv 36,864)                          =   147,968
@@ -143,7 +149,7 @@ def test_unknown_model_suggests_close_name():
     with pytest.raises(ConfigError, match="unknown model 'resnet33'") as err:
         build_model("resnet33", 10, 3, 32)
     assert "did you mean 'resnet32'" in str(err.value)
-    assert "cnn8, lenet, mlp, preact_resnet18" in str(err.value)
+    assert "cnn8, cnn9, lenet, mlp, preact_resnet18" in str(err.value)
 
 
 def test_unknown_option_is_named_with_allowed_ones():

@@ -18,6 +18,9 @@ class Backbone(nn.Module):
     """what configs call it (`model: {name: ...}`); a built-in model's class body says it"""
     feature_dim: int
     classifier: nn.Linear
+    example: tuple[int, int, dict] = (3, 32, {})
+    """(in_channels, image_size, options) of a small instance that builds and runs fast: the
+    checks every model passes (tests/test_models.py) build it so"""
     last_stage: str | None = None
     """the module where the last stage of the network begins (preact_resnet18: layer4,
     `blocks.6`): FaMUS's default window is it and everything above it"""

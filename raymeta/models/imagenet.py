@@ -29,6 +29,7 @@ class ResNet50(Backbone):
     """ResNet-50 (He et al. 2016, "Deep Residual Learning") from torchvision, with a new classifier."""
 
     name = "resnet50"
+    example = (3, 32, {})
 
     def __init__(
         self, num_classes: int, in_channels: int, image_size: int, *, weights_path: str | None = None

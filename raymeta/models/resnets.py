@@ -41,6 +41,7 @@ class PreActResNet18(Backbone):
     """Pre-activation ResNet-18 (He et al. 2016, "Identity Mappings in Deep Residual Networks")."""
 
     name = "preact_resnet18"
+    example = (3, 8, {})
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()
@@ -66,6 +67,7 @@ class WideResNet(Backbone):
     """Wide ResNet WRN-depth-width (Zagoruyko & Komodakis 2016, "Wide Residual Networks")."""
 
     name = "wrn"
+    example = (3, 8, {"depth": 10, "width": 1})
 
     def __init__(
         self,
@@ -149,6 +151,7 @@ class ResNet32(Backbone):
     """CIFAR ResNet-32 (He et al. 2016) as used by MW-Net (Shu et al. 2019); depth = 6*blocks+2."""
 
     name = "resnet32"
+    example = (3, 8, {"blocks": 1})
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int, *, blocks: int = 5) -> None:
         super().__init__()

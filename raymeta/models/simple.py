@@ -15,6 +15,7 @@ class MLP(Backbone):
     `batchnorm: true` puts a BatchNorm1d before each ReLU."""
 
     name = "mlp"
+    example = (3, 8, {"hidden": [16, 12]})
 
     def __init__(
         self, num_classes: int, in_channels: int, image_size: int, *, hidden: Sequence[int] = (256, 256),
@@ -44,6 +45,7 @@ class LeNet(Backbone):
     """LeNet-5 (LeCun et al. 1998) with padded 5x5 convolutions, max pooling and ReLU."""
 
     name = "lenet"
+    example = (1, 28, {})
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()
@@ -76,6 +78,7 @@ class CNN8(Backbone):
     """The 8-layer CNN (6 conv + 2 fc) of MetaLabelNet (Algan & Ulusoy 2021)."""
 
     name = "cnn8"
+    example = (3, 16, {})
 
     def __init__(self, num_classes: int, in_channels: int, image_size: int) -> None:
         super().__init__()

@@ -16,6 +16,8 @@ from raymeta.models.base import Backbone, require
 
 
 class SmallCNN(Backbone):
+    example = (1, 8, {"width": 4})  # a small instance for the checks every model passes
+
     def __init__(self, num_classes: int, in_channels: int, image_size: int, *, width: int = 16) -> None:
         super().__init__()
         require(isinstance(width, int) and width > 0,  # a ConfigError: the user's to fix
