@@ -57,6 +57,18 @@ def all_reduce_sum_(tensors: list[torch.Tensor]) -> None:
         t.copy_(part.view_as(t))
 
 
+@torch.no_grad()
+def global_rows(values: torch.Tensor, offset: int, total: int) -> torch.Tensor:
+    """The rows of the whole global batch, on every worker, from this worker's rows, which
+    start at row `offset` of `total` (not differentiable)."""
+    if not is_distributed():
+        return values
+    full = values.new_zeros((total, *values.shape[1:]))
+    full[offset:offset + len(values)] = values
+    all_reduce_sum_([full])
+    return full
+
+
 def global_count(count: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor:
     """How many samples the whole global batch has, given this worker's count."""
     count = torch.as_tensor(count, dtype=like.dtype, device=like.device)

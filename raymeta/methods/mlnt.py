@@ -26,7 +26,7 @@ from raymeta.methods.base import (
     mean_ce,
     scalar_sum_count,
 )
-from raymeta.parallel import batch_mean
+from raymeta.parallel import batch_mean, global_rows
 
 
 class MLNT(MetaMethod):
@@ -57,17 +57,17 @@ class MLNT(MetaMethod):
         for t, s in zip(self.teacher.buffers(), self.model.buffers()):
             t.copy_(s)
 
-    def synthetic_labels(self, batch, neighbours: torch.Tensor) -> torch.Tensor:
+    def synthetic_labels(self, batch, neighbours: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Relabel a random share of the batch with the label of a random near neighbour.
-        The draws are made for the global batch (the same on every worker); each worker
-        relabels the chosen samples of its own part."""
-        labels, n = batch.y, batch.global_size
+        `neighbours` and `labels` are those of the global batch, and so are the draws (the
+        same on every worker); each worker relabels the chosen samples of its own part."""
+        n = batch.global_size
         chosen = torch.randperm(n, generator=self.generator)[: int(n * self.cfg.perturb_ratio)]
         pick = torch.randint(0, neighbours.shape[1], (len(chosen),), generator=self.generator)
-        mine = (chosen >= batch.offset) & (chosen < batch.offset + len(labels))
-        chosen, pick = (chosen[mine] - batch.offset).to(labels.device), pick[mine].to(labels.device)
-        synthetic = labels.clone()
-        synthetic[chosen] = labels[neighbours[chosen, pick]]
+        mine = (chosen >= batch.offset) & (chosen < batch.offset + len(batch.y))
+        chosen, pick = chosen[mine].to(labels.device), pick[mine].to(labels.device)
+        synthetic = batch.y.clone()
+        synthetic[chosen - batch.offset] = labels[neighbours[chosen, pick]]
         return synthetic
 
     def consistency(self, engine, logits, batch, synthetic, teacher_probs) -> torch.Tensor:
@@ -91,12 +91,15 @@ class MLNT(MetaMethod):
             with torch.no_grad():
                 features = self.teacher.features(batch.x)
                 teacher_probs = F.softmax(self.teacher.classifier(features), dim=1)
+                # neighbours among the whole global batch, as one worker would find them
+                features = global_rows(features, batch.offset, batch.global_size)
+                labels = global_rows(batch.y, batch.offset, batch.global_size)
                 k = min(self.cfg.neighbours, len(features) - 1)
                 neighbours = torch.cdist(features, features).topk(k + 1, largest=False).indices[:, 1:]
             total = torch.zeros((), device=logits.device)
             for _ in range(self.cfg.num_fast):  # one graph at a time: backward each, keep the forward
                 meta = weight * self.consistency(engine, logits, batch,
-                                                 self.synthetic_labels(batch, neighbours),
+                                                 self.synthetic_labels(batch, neighbours, labels),
                                                  teacher_probs) / self.cfg.num_fast
                 meta.backward(retain_graph=True)
                 total += meta.detach()
