@@ -168,7 +168,7 @@ CASES = [
      lambda d: experiment(method={"name": "mlnt", "famus": True}), [], "famus"),
     ("a setting the method never reads", "run",
      lambda d: experiment(method={"name": "l2r", "meta_lr": 0.01}), [],
-     "method.meta_lr: method l2r does not read it (the methods that do: mwnet, mlc, metalabelnet)"),
+     "method.meta_lr: method l2r does not read it (the methods that do: mwnet, mlc, metalabelnet"),  # then any plugin loaded
     ("FaMUS settings with FaMUS off", "run",
      lambda d: experiment(method={"name": "mwnet"}, famus={"k": 2}), [],
      "famus.k: read only when the method runs FaMUS (method.famus: true)"),

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import torch
 from conftest import tiny_experiment
+from test_conformance import CLASSES
 
 from raymeta.config import ExperimentConfig, ResourcesConfig, parse_sweep
 from raymeta.data.bundle import build_data
@@ -47,14 +48,12 @@ def exact_config(method: dict, world: int, epochs: int = 1) -> ExperimentConfig:
         "famus": {"cosine_every": 0}})
 
 
-METHODS = {"ce": {"name": "ce"}, "mwnet": {"name": "mwnet"}, "mlc": {"name": "mlc"},
+METHODS = {**{name: {"name": name, **vars(cls).get("examples", ({},))[0]} for name, cls in CLASSES.items()},
            "mwnet+famus": {"name": "mwnet", "famus": True},
            "ce+syncbn": {"name": "ce", "sync_batchnorm": True},
-           "mwnet+syncbn": {"name": "mwnet", "sync_batchnorm": True},
-           "gce": {"name": "gce", "prune_start": 0, "prune_every": 1, "truncate_k": 0.28},
-           "sce": {"name": "sce"},
-           "forward": {"name": "forward", "estimate_epoch": 1},
-           "glc": {"name": "glc", "estimate_epoch": 1}, "coteaching": {"name": "coteaching"}}
+           "mwnet+syncbn": {"name": "mwnet", "sync_batchnorm": True}}
+"""every method, built-in or plugin (test_conformance.CLASSES), as its first example says, and
+FaMUS and synchronised BatchNorm on top"""
 
 
 def snapshot(trainer: Trainer) -> dict[str, np.ndarray]:
@@ -67,9 +66,12 @@ def snapshot(trainer: Trainer) -> dict[str, np.ndarray]:
 
 
 def five_steps(method: dict, world: int, steps: int = 5) -> dict[str, np.ndarray]:
-    """`steps` steps of one epoch; methods that change at an epoch (estimate_epoch, pruning)
-    first train the epochs before it, so the compared steps are the changed ones."""
-    before = method.get("estimate_epoch", 1 if "prune_start" in method else 0)
+    """`steps` steps of one epoch; methods that change at an epoch (a warm-up or an estimate
+    before their own step, pruning) first train the epochs before it, so the compared steps
+    are the changed ones."""
+    config = exact_config(method, world, epochs=100)  # only to read the method's options
+    until = type(config.method).plain_ce_until
+    before = getattr(config.method, until) if until else int(hasattr(config.method, "prune_start"))
     trainer = Trainer(exact_config(method, world, epochs=before + 1))
     if trainer.engine.famus is not None:
         trainer.engine.famus.force = True  # every gate on: the exact meta gradient

@@ -102,6 +102,11 @@ class Method:
     packable = True
     """the seeds of a run can be packed into one model (raymeta.methods.packed); a class says
     it itself, it is not inherited"""
+    examples: tuple[dict, ...] = ({},)
+    """option sets the checks every method passes run it with (tests/test_conformance.py): a
+    small instance first (warm-ups and estimates that fit a 2-4 epoch run), then the options
+    whose code paths differ. A class says them itself (a subclass's options may differ), else
+    its defaults are checked"""
     uses_meta_batch = False
 
     def __init__(self, cfg, num_classes: int, model: nn.Module):

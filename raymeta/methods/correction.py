@@ -131,6 +131,7 @@ class _Correction(Method):
 
 class Forward(_Correction):
     name = "forward"
+    examples = ({"estimate_epoch": 1},)
 
     def on_epoch_start(self, epoch, engine):
         if self.cfg.oracle_t and epoch == 0:
@@ -158,6 +159,7 @@ class Forward(_Correction):
 
 class GLC(_Correction):
     name = "glc"
+    examples = ({"estimate_epoch": 3},)  # estimated after a resume from epoch 2
     uses_meta_batch = True
 
     def on_epoch_start(self, epoch, engine):

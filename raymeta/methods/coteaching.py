@@ -82,6 +82,7 @@ def smallest_losses(losses: torch.Tensor, labeled: torch.Tensor, keep: torch.Ten
 
 class Coteaching(Method):
     name = "coteaching"
+    examples = ({"num_gradual": 3},)
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

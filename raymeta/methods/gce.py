@@ -29,6 +29,7 @@ from raymeta.parallel import batch_mean
 class GCE(Method):
     name = "gce"
     packable = True
+    examples = ({"prune_start": 0, "prune_every": 2},)  # prunes after epochs 0 and 2
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

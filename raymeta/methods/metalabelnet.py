@@ -33,6 +33,7 @@ def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
 class MetaLabelNet(MetaMethod):
     name = "metalabelnet"
     packable = True
+    examples = ({"warmup_epochs": 1},)  # the meta step from the second epoch on
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

@@ -42,6 +42,7 @@ class Transition(nn.Module):
 class MLC(MetaMethod):
     name = "mlc"
     packable = True
+    examples = ({}, {"t_on_logits": True, "reset_t_each_step": True})  # the official code's form
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

@@ -31,6 +31,7 @@ from raymeta.parallel import batch_mean, global_rows
 
 class MLNT(MetaMethod):
     name = "mlnt"
+    examples = ({"start_epoch": 1, "ramp_epochs": 2, "num_fast": 2},)
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

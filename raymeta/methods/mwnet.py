@@ -32,6 +32,8 @@ class WeightNet(nn.Module):
 class MWNet(MetaMethod):
     name = "mwnet"
     packable = True
+    examples = ({}, {"weights": "mean", "meta_optimizer": "adam"}, {"virtual_step": "sgd"},
+                {"meta_interval": 4, "meta_optimizer": "adam"})
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)

@@ -17,21 +17,20 @@ from raymeta.methods.base import MetaMethod, Method, StepOutput
 
 def packing_problem(cfg) -> str | None:
     """Why the seeds of this experiment cannot be packed into one process (None: they can).
-    A method packs when its class says `packable = True`: its steps depend only on its own
-    logits, batch and meta-model, or on its seed's model as it was at an epoch's start
-    (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own models are updated at each
+    A method packs when its class (built-in or plugin) says `packable = True`: its steps depend
+    only on its own logits, batch and meta-model, or on its seed's model as it was at an
+    epoch's start (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own models are updated at each
     epoch's end). MLNT steps a teacher copy of the model inside every step."""
-    from raymeta.methods import PACKABLE
+    from raymeta.methods import METHOD_CLASSES, PACKABLE
 
     name = cfg.method.name
     what = "packed seeds (resources.seeds_per_trial > 1, raymeta run --seeds)"
-    if name not in PACKABLE:
-        if plugins.is_plugin_name(name):
-            return (f"{what} work for the built-in methods {', '.join(PACKABLE)}, not yet for "
-                    f"plugin methods such as {name}: train it one seed per trial")
-        return (f"{what} work for {', '.join(PACKABLE)}; {name} steps copies of the model "
-                f"itself (its student and mean teacher) inside every step, which a packed model "
-                f"cannot: train {name} one seed per trial")
+    cls = METHOD_CLASSES.get(name) or plugins.method_class(name)
+    if not vars(cls).get("packable"):
+        return (f"{what} work for methods whose class says `packable = True` "
+                f"({', '.join(PACKABLE)} among the built-ins); {name}'s does not: its steps "
+                f"read more than its own logits, batch and meta-model (MLNT, for one, steps a "
+                f"teacher copy of the model inside every step): train {name} one seed per trial")
     if getattr(cfg.method, "famus", False):
         return (f"{what} do not combine with method.famus: FaMUS gates whole parameter "
                 f"tensors, and packing stacks each tensor over the seeds; train FaMUS one seed "

@@ -38,6 +38,7 @@ class Threshold(nn.Module):
 
 class MetaThreshold(MetaMethod):
     options = ThresholdOptions
+    packable = True  # each step reads only its own logits, batch and tau
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)
