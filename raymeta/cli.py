@@ -511,6 +511,17 @@ def _keys(text: str) -> list[str]:
 
 def main() -> None:
     try:
+        _main()
+    finally:  # Ray's own shutdown during interpreter exit once crashed (SIGSEGV) an
+        # interrupted sweep after its message, turning exit code 130 into -11: shut it down
+        # while the interpreter is whole
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+
+def _main() -> None:
+    try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
