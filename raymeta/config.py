@@ -40,15 +40,17 @@ class _Config(BaseModel):
     (`ExperimentConfig.unread`)"""
 
 
-def _built_in_or_plugin(name: str, builtins: tuple[str, ...], kind: str, what: str) -> str:
-    """`name`, when it is a built-in or a plugin of `kind` (a dataset, a noise model)."""
+def _built_in_or_plugin(name: str, builtins: tuple[str, ...], kind: str, what: str,
+                        called: str | None = None) -> str:
+    """`name`, when it is a built-in or a plugin of `kind` (a dataset, a noise model); an
+    unknown name's error calls it `called` (default: `what`)."""
     try:
         if name in builtins or plugins.LOADERS[kind](name) is not None:
             return name
     except ConfigError as err:
         raise ValueError(str(err)) from None
-    called = "noise type" if kind == "noise" else what
-    raise ValueError(plugins.unknown(kind, what, name, builtins, "package.module:function", called))
+    raise ValueError(plugins.unknown(kind, what, name, builtins, "package.module:function",
+                                     called or what))
 
 
 def _plugin_options(options: dict[str, Any], name: str | None, builtins: tuple[str, ...],
@@ -179,7 +181,7 @@ class NoiseConfig(_Config):
     @field_validator("type")
     @classmethod
     def _known_type(cls, name: str) -> str:
-        return _built_in_or_plugin(name, NOISE_TYPES, "noise", "noise model")
+        return _built_in_or_plugin(name, NOISE_TYPES, "noise", "noise model", called="noise type")
 
     @field_validator("options")
     @classmethod
