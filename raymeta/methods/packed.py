@@ -19,8 +19,8 @@ def packing_problem(cfg) -> str | None:
     """Why the seeds of this experiment cannot be packed into one process (None: they can).
     A method packs when its class (built-in or plugin) says `packable = True`: its steps depend
     only on its own logits, batch and meta-model, or on its seed's model as it was at an
-    epoch's start (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own models are updated at each
-    epoch's end). MLNT steps a teacher copy of the model inside every step."""
+    epoch's start (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own models are
+    updated at each epoch's end). MLNT steps a teacher copy of the model inside every step."""
     from raymeta.methods import METHOD_CLASSES, PACKABLE
 
     name = cfg.method.name
@@ -49,12 +49,10 @@ class PackedMethod(MetaMethod):
 
     def __init__(self, members: list[Method]):
         first = members[0]
+        super().__init__(first.cfg, first.num_classes, model=None)  # every attribute a method has
         self.members = members
-        self.cfg, self.name, self.num_classes = first.cfg, first.name, first.num_classes
         self.uses_meta_batch = first.uses_meta_batch
         self.per_sample_meta_parameters = getattr(first, "per_sample_meta_parameters", False)
-        self.meta_model = None
-        self.epoch = 0
         self.outputs: list[StepOutput] = []
         """each seed's loss, logits and extras of the latest step"""
         self._losses: list[torch.Tensor] = []

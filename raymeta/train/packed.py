@@ -19,8 +19,6 @@ import torch
 from raymeta.config import ExperimentConfig
 from raymeta.data.loader import pack_batches
 from raymeta.errors import ConfigError
-from raymeta.methods import Engine
-from raymeta.methods.optim import build_optimizer
 from raymeta.methods.packed import PackedMethod, packing_problem
 from raymeta.models.packed import PackedModel
 from raymeta.train.trainer import RunResult, Trainer, _check_digest
@@ -63,16 +61,11 @@ class PackedTrainer(Trainer):
                                   f"seeds {seeds}; use seeds_per_trial: 1 for this setting")
         self.seeds = [int(s) for s in seeds]
         self.cfg, self.device, self.dtype = first.cfg, first.device, first.dtype
-        self.rank, self.world, self.pseudo = 0, 1, None
-        self.on_epoch_end = on_epoch_end
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.rank, self.world = 0, 1
         self.data = [m.data for m in self.members]
-        self.model = PackedModel([m.model for m in self.members])
-        self.method = PackedMethod([m.method for m in self.members])
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
-        self.engine = Engine(self.model, self.optimizer)
-        self.epoch, self.curves, self.restarts = 0, [], 0
-        self.train_seconds = self.meta_seconds = 0.0
+        self.start_loop(PackedModel([m.model for m in self.members]),
+                        PackedMethod([m.method for m in self.members]),
+                        on_epoch_end, checkpoint_dir)
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 

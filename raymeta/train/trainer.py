@@ -170,30 +170,22 @@ class Trainer:
         self.batch_size, self.meta_batch_size = (
             _worker_share(cfg.train.batch_size, cfg.train.meta_batch_size, batch_workers, self.world))
         """this worker's share of each global batch and meta batch"""
-        self.on_epoch_end = on_epoch_end
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         torch.manual_seed(cfg.seed)  # the initialisation of the model and meta-model
         self.data = data if data is not None else build_data(cfg)
         channels, size = self.data.input_shape[0], self.data.input_shape[-1]
-        self.model = build_model(cfg.model.name, self.data.num_classes, channels, size,
-                                 **cfg.model.options).to(self.device, self.dtype)
+        model = build_model(cfg.model.name, self.data.num_classes, channels, size,
+                            **cfg.model.options).to(self.device, self.dtype)
         if cfg.train.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+            model.to(memory_format=torch.channels_last)
         if cfg.train.sync_batchnorm and self.world > 1:
-            synchronize_batchnorm(self.model)
-        self.method = build_method(cfg.method, self.data.num_classes,
-                                   self.model).to(self.device, self.dtype)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model.parameters())
-        self.engine = Engine(self.model, self.optimizer)
+            synchronize_batchnorm(model)
+        method = build_method(cfg.method, self.data.num_classes, model).to(self.device, self.dtype)
+        self.start_loop(model, method, on_epoch_end, checkpoint_dir)
         if cfg.train.compile:
             torch._dynamo.reset()  # a fresh cache per trial: reused Tune actors train new models
             self.engine.plain_model = torch.compile(self.model)
-        self.pseudo = cfg.meta_set.pseudo if cfg.meta_set.source == "pseudo" else None
-        """settings of the pseudo-clean meta set, chosen each epoch (None: a fixed meta set)"""
         self.pseudo_index: torch.Tensor | None = None
         """positions in the training split of the current pseudo-clean meta set"""
-        self.warmup_method = Method(cfg.method, self.data.num_classes, self.model)
-        """plain cross-entropy, for the warm-up epochs before the first pseudo meta set"""
         if getattr(cfg.method, "famus", False):
             self.engine.famus = Famus(cfg.famus, self.model)
         layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -213,14 +205,30 @@ class Trainer:
         self.method.generator = self.gens.method
         if self.engine.famus is not None:
             self.engine.famus.generator = self.gens.method
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+
+    def start_loop(self, model: torch.nn.Module, method: Method, on_epoch_end: Callable | None,
+                   checkpoint_dir: str | Path | None) -> None:
+        """What the training loop (fit, train_epoch) reads beside the data, set in one place
+        for one run and for a pack of runs (raymeta.train.packed): the model and method, their
+        optimizer and engine, the warm-up method, the epoch's counters."""
+        cfg = self.cfg
+        self.model, self.method = model, method
+        self.on_epoch_end = on_epoch_end
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.optimizer = build_optimizer(cfg.optimizer, model.parameters())
+        self.engine = Engine(model, self.optimizer)
+        self.pseudo = cfg.meta_set.pseudo if cfg.meta_set.source == "pseudo" else None
+        """settings of the pseudo-clean meta set, chosen each epoch (None: a fixed meta set)"""
+        self.warmup_method = Method(cfg.method, method.num_classes, model)
+        """plain cross-entropy, for the warm-up epochs before the first pseudo meta set"""
         self.epoch = 0
         self.curves: list[dict] = []
         self.train_seconds = 0.0
         self.meta_seconds = 0.0
         self.restarts = 0
         """how many times this run continued from a checkpoint"""
-        if resume_from is not None:
-            self.load_checkpoint(resume_from)
 
     # ------------------------------------------------------------------------- training
     def fit(self) -> RunResult:
