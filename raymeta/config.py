@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model,
@@ -40,15 +41,23 @@ class _Config(BaseModel):
     (`ExperimentConfig.unread`)"""
 
 
+@contextmanager
+def _as_value_error():
+    """A ConfigError raised while a field is validated, as the ValueError that pydantic
+    reports under the field's name."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ValueError(str(err)) from None
+
+
 def _built_in_or_plugin(name: str, builtins: tuple[str, ...], kind: str, what: str,
                         called: str | None = None) -> str:
     """`name`, when it is a built-in or a plugin of `kind` (a dataset, a noise model); an
     unknown name's error calls it `called` (default: `what`)."""
-    try:
+    with _as_value_error():
         if name in builtins or plugins.LOADERS[kind](name) is not None:
             return name
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
     raise ValueError(plugins.unknown(kind, what, name, builtins, "package.module:function",
                                      called or what))
 
@@ -64,11 +73,9 @@ def _plugin_options(options: dict[str, Any], name: str | None, builtins: tuple[s
             raise ValueError(f"options are a plugin {what}'s; the built-in {name} takes its "
                              f"settings as fields of its section: remove them")
         return options
-    try:
+    with _as_value_error():
         plugins.check_options(f"{what} {name!r}", options,
                               plugins.keyword_options(plugins.LOADERS[kind](name)))
-    except ConfigError as err:
-        raise ValueError(str(err)) from None
     return options
 
 
@@ -269,10 +276,8 @@ class ModelConfig(_Config):
         """A built-in model is checked without torch; a plugin's module is imported."""
         from raymeta.models import model_options
 
-        try:
+        with _as_value_error():
             model_options(name)
-        except ConfigError as err:
-            raise ValueError(str(err)) from None
         return name
 
     @field_validator("options")
@@ -282,10 +287,8 @@ class ModelConfig(_Config):
         from raymeta.models import check_model
 
         if "name" in info.data:  # else the name's own error says it
-            try:
+            with _as_value_error():
                 check_model(info.data["name"], options)
-            except ConfigError as err:
-                raise ValueError(str(err)) from None
         return options
 
 
