@@ -18,14 +18,14 @@ import pytest
 import torch
 from conftest import EXAMPLE_PLUGIN
 from test_engine import batch, central_difference, setup
-from test_famus import famus_setup
+from test_famus import famus_meta_gradient, famus_setup
 from test_packed import experiment
 from test_trainer import assert_resumes_exactly
 
 from raymeta import plugins
 from raymeta.config import parse_experiment
 from raymeta.errors import ConfigError
-from raymeta.methods import METHOD_CLASSES, MetaMethod
+from raymeta.methods import METHOD_CLASSES, MetaMethod, examples, packable
 from raymeta.train import Trainer
 from raymeta.train.packed import PackedTrainer
 
@@ -41,7 +41,7 @@ def cases(which=lambda cls: True) -> list:
     for name, cls in CLASSES.items():
         if not which(cls):
             continue
-        for options in vars(cls).get("examples", ({},)):
+        for options in examples(cls):
             shown = ",".join(f"{k}={v}" for k, v in options.items())
             found.append(pytest.param({"name": name, **options}, id=name + (f"[{shown}]" if shown else "")))
     return found
@@ -50,10 +50,6 @@ def cases(which=lambda cls: True) -> list:
 def bilevel(cls) -> bool:
     """The method's step is the engine's bilevel step (MLNT's own step is checked in test_engine)."""
     return issubclass(cls, MetaMethod) and cls.step is MetaMethod.step
-
-
-def packable(cls) -> bool:
-    return bool(vars(cls).get("packable"))
 
 
 def test_every_method_is_checked():
@@ -79,11 +75,6 @@ def test_meta_gradient_matches_finite_differences(method_cfg):
         error = (a.view(-1) - numeric).norm() / numeric.norm().clamp_min(1e-12)
         assert numeric.norm() > 1e-8, "the meta loss does not depend on this meta parameter"
         assert error < 1e-4, f"relative error {error:.2e}"
-
-
-def famus_meta_gradient(method, engine, train, meta, params):
-    meta_loss, _ = engine.famus_objective(method, engine.forward(train.x), train, meta)
-    return torch.autograd.grad(meta_loss, params, allow_unused=True)
 
 
 def full_meta_gradient(method, engine, train, meta, params):

@@ -18,6 +18,7 @@ from test_conformance import CLASSES
 from raymeta.config import ExperimentConfig, ResourcesConfig, parse_sweep
 from raymeta.data.bundle import build_data
 from raymeta.data.loader import DeviceSplit
+from raymeta.methods import examples
 from raymeta.orchestrate.grid import expand
 from raymeta.parallel import shard
 from raymeta.results import query
@@ -48,7 +49,7 @@ def exact_config(method: dict, world: int, epochs: int = 1) -> ExperimentConfig:
         "famus": {"cosine_every": 0}})
 
 
-METHODS = {**{name: {"name": name, **vars(cls).get("examples", ({},))[0]} for name, cls in CLASSES.items()},
+METHODS = {**{name: {"name": name, **examples(cls)[0]} for name, cls in CLASSES.items()},
            "mwnet+famus": {"name": "mwnet", "famus": True},
            "ce+syncbn": {"name": "ce", "sync_batchnorm": True},
            "mwnet+syncbn": {"name": "mwnet", "sync_batchnorm": True}}

@@ -109,6 +109,33 @@ def test_chained_cells_share_tune_trials_and_keep_their_own_rows(ray_session, tm
     assert len(again) == 4 and again["status"].to_list().count("completed") == 3
 
 
+def test_resume_on_a_copied_store_skips_rows_written_under_older_trial_ids(ray_session, tmp_path,
+                                                                          capsys):
+    """A store copied to another machine has rows but no Tune state, and rows written before a
+    digest rule changed carry an older trial id. `--resume` there starts the sweep afresh and
+    must still find those runs by their config, not train them again (it did: 2 minutes of a
+    fidelity sweep's CE cell, a row under a second id)."""
+    import shutil
+
+    spec = parse_sweep({"name": "copied", "store": str(tmp_path),
+                        "base": tiny_experiment(train={"epochs": 1}), "grid": {"seed": [0, 1]}})
+    cells = expand(spec)
+    assert run_sweep(spec, cells).failed == 0
+    rows = tmp_path / "trials" / "sweep=copied"
+    old_id = cells[0].trial_id.rsplit("_", 1)[0] + "_0123456789"
+    row = pl.read_parquet(rows / f"{cells[0].trial_id}.parquet")
+    row.with_columns(pl.lit(old_id).alias("trial_id"), pl.lit("0123456789").alias("config_digest")
+                     ).write_parquet(rows / f"{old_id}.parquet")
+    (rows / f"{cells[0].trial_id}.parquet").unlink()
+    shutil.rmtree(tmp_path / "tune")  # only trials/ and curves/ were copied
+    capsys.readouterr()
+
+    assert run_sweep(spec, cells, resume=True).failed == 0
+    assert sorted(p.stem for p in rows.glob("*.parquet")) == sorted([old_id, cells[1].trial_id])
+    assert "2 of 2 trials already have finished rows" in capsys.readouterr().out
+    assert len(query.load(str(tmp_path), "trials", "copied")) == 2
+
+
 def test_interrupted_sweep_says_so_and_resumes_each_trial_once(tmp_path):
     """Ctrl-C (SIGINT) mid-sweep: exit 130, a message that names --resume, a summary marked
     partial. Then SIGKILL of the driver and its Ray mid-resume. Then a resume that finishes:

@@ -34,9 +34,19 @@ def _in_config_order() -> dict[str, type[Method]]:
     return {name: found[name] for name in METHODS}
 
 
+def packable(cls: type[Method]) -> bool:
+    """Whether the class itself says `packable = True` (not inherited: Method.packable)."""
+    return bool(vars(cls).get("packable"))
+
+
+def examples(cls: type[Method]) -> tuple[dict, ...]:
+    """The option sets the class itself names for the checks (not inherited: Method.examples)."""
+    return vars(cls).get("examples", ({},))
+
+
 METHOD_CLASSES: dict[str, type[Method]] = _in_config_order()
 """the built-in methods by name, in the order of their configs (raymeta.config.METHODS)"""
-PACKABLE: tuple[str, ...] = tuple(n for n, c in METHOD_CLASSES.items() if vars(c).get("packable"))
+PACKABLE: tuple[str, ...] = tuple(n for n, c in METHOD_CLASSES.items() if packable(c))
 """the methods whose class says `packable = True` (raymeta.methods.packed): their steps depend
 only on their own logits, batch and meta-model, or on their seed's model as it was at an
 epoch's start"""
@@ -47,4 +57,5 @@ def build_method(cfg, num_classes: int, model) -> Method:
     return cls(cfg, num_classes, model)
 
 
-__all__ = ["Engine", "Method", "MetaMethod", "StepOutput", "build_method", "METHOD_CLASSES", "PACKABLE"]
+__all__ = ["Engine", "Method", "MetaMethod", "StepOutput", "build_method", "examples", "packable",
+           "METHOD_CLASSES", "PACKABLE"]

@@ -21,12 +21,12 @@ def packing_problem(cfg) -> str | None:
     only on its own logits, batch and meta-model, or on its seed's model as it was at an
     epoch's start (MetaLabelNet's encoder, GCE's pruning pass: the seeds' own models are
     updated at each epoch's end). MLNT steps a teacher copy of the model inside every step."""
-    from raymeta.methods import METHOD_CLASSES, PACKABLE
+    from raymeta.methods import METHOD_CLASSES, PACKABLE, packable
 
     name = cfg.method.name
     what = "packed seeds (resources.seeds_per_trial > 1, raymeta run --seeds)"
     cls = METHOD_CLASSES.get(name) or plugins.method_class(name)
-    if not vars(cls).get("packable"):
+    if not packable(cls):
         return (f"{what} work for methods whose class says `packable = True` "
                 f"({', '.join(PACKABLE)} among the built-ins); {name}'s does not: its steps "
                 f"read more than its own logits, batch and meta-model (MLNT, for one, steps a "

@@ -665,7 +665,11 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
     import ray.tune
 
     store = resolve_store(spec.store)
-    if not rerun and not resume:
+    experiment = store_join(store, "tune", spec.name)
+    # a store copied without Tune's state (another machine, fidelity-store/) restores nothing:
+    # its finished rows are found by digest, whatever trial ids older versions gave them
+    restoring = resume and ray.tune.Tuner.can_restore(experiment)
+    if not rerun and not restoring:
         done = finished_digests(store, spec.name)
         todo = [c for c in cells if c.config.digest() not in done]
         if len(todo) < len(cells):
@@ -684,7 +688,6 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
     else:
         resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     trainable = ray.tune.with_resources(_tune_trial, resources)
-    experiment = store_join(store, "tune", spec.name)
     trials = _tune_trials(cells, spec.resources)
     _reset_seen()
     watch, stopper = _storage_watch()
@@ -700,7 +703,7 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
                                   grace_period=stopping.grace_period,
                                   reduction_factor=stopping.reduction_factor)
         callbacks.append(_stopped_rows_callback(store, spec.name, spec.resources))
-    if resume and ray.tune.Tuner.can_restore(experiment):
+    if restoring:
         with _quiet_tune_results():
             tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
