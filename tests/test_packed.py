@@ -85,6 +85,17 @@ def test_cells_are_packed_by_everything_but_the_seed():
     assert all(len({c.config.method.name for c in g}) == 1 for g in groups)
 
 
+def test_one_seed_a_trial_keeps_the_grid_order():
+    """A sweep file orders its cells to run what matters first (one seed of every cell, then
+    the others); unpacked, the trials run in that order, not grouped by all but the seed."""
+    spec = parse_sweep({"name": "p", "base": tiny_experiment(),
+                        "grid": {".": [{"seed": 0}, {"seed": 1}], "method.name": ["ce", "mwnet"]}})
+    cells = expand(spec)
+    assert [(c.config.seed, c.config.method.name) for c in cells] == [
+        (0, "ce"), (0, "mwnet"), (1, "ce"), (1, "mwnet")]
+    assert [[c.trial_id for c in g] for g in pack_cells(cells, 1)] == [[c.trial_id] for c in cells]
+
+
 @pytest.mark.ray
 def test_packed_sweep_writes_a_row_and_curves_per_seed(ray_session, tmp_path):
     spec = parse_sweep({"name": "packed", "store": str(tmp_path),

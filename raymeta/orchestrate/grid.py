@@ -162,7 +162,10 @@ def _name_cells(text: str, cells: list[str]) -> str:
 
 def pack_cells(cells: list[Cell], seeds_per_trial: int) -> list[list[Cell]]:
     """Cells that differ only in their seed, in groups of at most `seeds_per_trial` (in grid
-    order): each group trains as one packed trial."""
+    order): each group trains as one packed trial. One seed a trial keeps the grid's order
+    exactly: a sweep file orders its cells to run what matters first."""
+    if seeds_per_trial == 1:
+        return [[cell] for cell in cells]
     groups: dict[str, list[Cell]] = {}
     for cell in cells:
         groups.setdefault(cell.config.model_copy(update={"seed": 0}).digest(), []).append(cell)
