@@ -119,7 +119,7 @@ def _resume_from(folder: Path, resume: bool, digest: str) -> Path | None:
     if not (folder / "checkpoint.pt").exists():
         click.echo(f"no checkpoint in {folder}; starting from epoch 0", err=True)
         return None
-    from raymeta.train.trainer import check_checkpoint
+    from raymeta.train.checkpoint import check_checkpoint
 
     check_checkpoint(folder, digest)
     return folder
@@ -510,13 +510,15 @@ def _keys(text: str) -> list[str]:
 
 
 def main() -> None:
+    ray = sys.modules.get("ray")
+    ours = ray is None or not ray.is_initialized()  # a caller's own Ray is left as it was
     try:
         _main()
     finally:  # Ray's own shutdown during interpreter exit once crashed (SIGSEGV) an
         # interrupted sweep after its message, turning exit code 130 into -11: shut it down
         # while the interpreter is whole
         ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
+        if ours and ray is not None and ray.is_initialized():
             ray.shutdown()
 
 
