@@ -782,6 +782,13 @@ _READ_BY = {"dataset.test_fraction": ("dataset", ("digits", "synthetic")),
 """dataset and noise settings -> (section, the datasets or noise types that read them)"""
 
 
+def methods_reading(key: str) -> list[str]:
+    """The built-in methods that read a setting: an option of theirs by name (`meta_lr`), or
+    another section's by dotted key (`train.meta_batch_size`)."""
+    return [n for n, c in METHOD_CONFIGS.items() if key not in c.unread_fields
+            and ("." in key or key in c.model_fields)]
+
+
 @functools.cache
 def _ignored_settings(method: type[_Config], famus: bool, optimizer: str, schedule: str,
                       dataset: str = "digits", noise: str = "none") -> tuple[tuple[str, str], ...]:
@@ -794,8 +801,7 @@ def _ignored_settings(method: type[_Config], famus: bool, optimizer: str, schedu
             found.append((key, f"{what} {chosen[section]} does not read it (read by: "
                                f"{', '.join(readers)})"))
     for key in method.unread_fields:
-        takers = [n for n, c in METHOD_CONFIGS.items() if key not in c.unread_fields
-                  and ("." in key or key in c.model_fields)]
+        takers = methods_reading(key)
         found.append((key if "." in key else f"method.{key}",
                       f"method {method.model_fields['name'].default} does not read it (the "
                       f"methods that do: {', '.join(takers)})"))
@@ -1081,6 +1087,9 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
             msg = f"unknown key '{field}'"
             if hint:
                 msg += f" (did you mean '{'.'.join(loc[:-1] + [hint[0]])}'?)"
+            takers = methods_reading(loc[-1]) if raw_loc[0] == "method" and len(raw_loc) == 3 else []
+            if takers:  # another method's option
+                msg += f": method {raw_loc[1]} does not take it (the methods that do: {', '.join(takers)})"
             if allowed:
                 msg += f"; allowed here: {', '.join(allowed)}"
         elif kind == "literal_error":

@@ -7,11 +7,13 @@ Each runs with every option set its class names in `examples` (raymeta.methods.b
   below the window frozen;
 - stopping after 2 of 4 epochs and resuming from the checkpoint gives the uninterrupted run;
 - a packable method's packed seeds train exactly as separate runs;
-- a typo in one of its options is refused, with a did-you-mean, when the config is read.
+- a typo in one of its options is refused, with a did-you-mean, when the config is read;
+- another method's option is refused, naming the methods that read it.
 Two Ray Train workers against one worker with the global batch: test_distributed, for the same
 methods in one Ray Train job.
 """
 
+import re
 import sys
 
 import pytest
@@ -23,7 +25,7 @@ from test_packed import experiment
 from test_trainer import assert_resumes_exactly
 
 from raymeta import plugins
-from raymeta.config import parse_experiment
+from raymeta.config import METHOD_CONFIGS, methods_reading, parse_experiment
 from raymeta.errors import ConfigError
 from raymeta.methods import METHOD_CLASSES, MetaMethod, examples, packable
 from raymeta.train import Trainer
@@ -87,7 +89,7 @@ def test_famus_with_all_gates_on_is_the_full_meta_gradient(method_cfg):
     train, meta = batch(8, 1), batch(6, 2)
     params = method.meta_parameters(train)
     full = full_meta_gradient(method, engine, train, meta, params)
-    engine.famus.force = True
+    engine.meta_gradient.force = True
     gated = famus_meta_gradient(method, engine, train, meta, params)
     for f, g in zip(full, gated):
         torch.testing.assert_close(g, f, rtol=1e-10, atol=1e-12)
@@ -104,7 +106,7 @@ def test_famus_gates_off_but_the_classifier_is_the_last_layer_meta_gradient(meth
     theta = engine.step_params(grads, method.cfg.virtual_lr, method.cfg.virtual_step)
     reference = torch.autograd.grad(method.meta_loss(engine.functional_forward(theta, meta.x), meta),
                                     params, allow_unused=True)
-    engine.famus.force = False
+    engine.meta_gradient.force = False
     gated = famus_meta_gradient(method, engine, train, meta, params)
     full = full_meta_gradient(method, engine, train, meta, params)
     for r, g, f in zip(reference, gated, full):
@@ -120,9 +122,9 @@ def test_famus_window_only_virtual_step_is_the_meta_gradient_with_lower_layers_f
     train, meta = batch(8, 1), batch(6, 2)
     params = method.meta_parameters(train)
     full = full_meta_gradient(method, engine, train, meta, params)
-    engine.famus.force = True
+    engine.meta_gradient.force = True
     windowed = famus_meta_gradient(method, engine, train, meta, params)
-    window = engine.famus.scope
+    window = engine.meta_gradient.scope
     assert window == list(engine.named_params())[-2:]
     for name, p in engine.model.named_parameters():
         p.requires_grad_(name in window)  # the reference: the rest frozen
@@ -169,10 +171,45 @@ def test_a_typo_in_an_option_is_refused_with_a_did_you_mean(method_cfg):
     options = [k for k in type(parse_experiment({"method": method_cfg}).method).model_fields
                if k != "name" and len(k) > 3]
     if not options:  # no option of its own: the unknown key is named with what is allowed
-        with pytest.raises(ConfigError, match=r"unknown key 'method\.hidden'; allowed here: name"):
+        with pytest.raises(ConfigError, match=r"unknown key 'method\.hidden'.*; allowed here: name$"):
             parse_experiment({"method": {**method_cfg, "hidden": 1}})
         return
     typo = options[0][:-2] + options[0][-1] + options[0][-2]  # the last two letters swapped
     with pytest.raises(ConfigError, match=rf"unknown key 'method\.{typo}' \(did you mean "
                                           rf"'method\.{options[0]}'\?\)"):
         parse_experiment({"method": {**method_cfg, typo: 1}})
+
+
+def _set_away_from_default(field):
+    """A valid value other than the field's default (None: no simple one)."""
+    default = field.default
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int | float):
+        return default * 2 + 1
+    return None
+
+
+@pytest.mark.parametrize("method_cfg", cases())
+def test_another_methods_option_is_refused_naming_the_methods_that_read_it(method_cfg):
+    """Every option of a built-in method that this method does not read (absent from its
+    config, or there but never read, like l2r's meta_lr) is refused with the methods that
+    read it."""
+    own = type(parse_experiment({"method": method_cfg}).method)
+    name = method_cfg["name"]
+    options = {key: field for cfg in METHOD_CONFIGS.values() for key, field in cfg.model_fields.items()
+               if key != "name"}
+    checked = 0
+    for key, field in sorted(options.items()):
+        if key in own.model_fields and key not in own.unread_fields:
+            continue  # its own
+        value = _set_away_from_default(own.model_fields.get(key, field))
+        if value is None or not methods_reading(key):
+            continue
+        readers = re.escape(", ".join(methods_reading(key)))
+        with pytest.raises(ConfigError, match=rf"method {re.escape(name)} does not (take|read) it "
+                                              rf"\(the methods that do: {readers}\)"):
+            parse_experiment({"method": {**method_cfg, key: value}})
+        checked += 1
+    assert checked >= 3
+

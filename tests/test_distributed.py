@@ -19,6 +19,7 @@ from raymeta.config import ExperimentConfig, ResourcesConfig, parse_sweep
 from raymeta.data.bundle import build_data
 from raymeta.data.loader import DeviceSplit
 from raymeta.methods import examples
+from raymeta.methods.famus import Famus
 from raymeta.orchestrate.grid import expand
 from raymeta.parallel import shard
 from raymeta.results import query
@@ -74,8 +75,8 @@ def five_steps(method: dict, world: int, steps: int = 5) -> dict[str, np.ndarray
     until = type(config.method).plain_ce_until
     before = getattr(config.method, until) if until else int(hasattr(config.method, "prune_start"))
     trainer = Trainer(exact_config(method, world, epochs=before + 1))
-    if trainer.engine.famus is not None:
-        trainer.engine.famus.force = True  # every gate on: the exact meta gradient
+    if isinstance(trainer.engine.meta_gradient, Famus):
+        trainer.engine.meta_gradient.force = True  # every gate on: the exact meta gradient
     for _ in range(before if steps else 0):
         trainer.train_epoch()
         trainer.epoch += 1

@@ -15,13 +15,14 @@ from test_engine import D, K, batch, setup
 
 def famus_setup(method_cfg, **famus):
     method, engine = setup(method_cfg)
-    engine.famus = Famus(FamusConfig(**famus), engine.model)
-    engine.famus.generator = torch.Generator().manual_seed(0)
+    engine.meta_gradient = Famus(FamusConfig(**famus), engine.model)
+    engine.meta_gradient.generator = torch.Generator().manual_seed(0)
     return method, engine
 
 
 def famus_meta_gradient(method, engine, train, meta, params):
-    meta_loss, _ = engine.famus_objective(method, engine.forward(train.x), train, meta)
+    meta_loss, _ = engine.meta_gradient.gated_objective(engine, method, engine.forward(train.x),
+                                                        train, meta)
     return torch.autograd.grad(meta_loss, params, allow_unused=True)
 
 
@@ -31,7 +32,7 @@ def test_virtual_step_values_are_exact_whatever_the_gates():
     loss = method.virtual_loss(engine.forward(train.x), train)
     grads = engine.gradients(loss)
     exact = engine.step_params(grads)
-    gated, gates = engine.famus.gate_gradients(grads)
+    gated, gates = engine.meta_gradient.gate_gradients(grads)
     assert 0 < gates.sum() < len(gates)  # some on, some off
     for name, value in engine.step_params(gated).items():
         torch.testing.assert_close(value, exact[name], rtol=0, atol=0)
@@ -56,11 +57,11 @@ def test_default_window_is_the_released_codes_setup():
     gradients = []
     for cfg in (FamusConfig(), FamusConfig(window="all", candidates=4, classifier_always_on=True,
                                            detach_at="body.2"), FamusConfig(window="all")):
-        engine.famus = Famus(cfg, model)
-        engine.famus.force = True
+        engine.meta_gradient = Famus(cfg, model)
+        engine.meta_gradient.force = True
         gradients.append(famus_meta_gradient(method, engine, train, meta, params))
     default, by_hand, every_tensor = gradients
-    assert engine.famus.candidates != [] and len(Famus(FamusConfig(), model).candidates) == 2
+    assert engine.meta_gradient.candidates != [] and len(Famus(FamusConfig(), model).candidates) == 2
     for d, h, e in zip(default, by_hand, every_tensor):
         torch.testing.assert_close(d, h, rtol=1e-12, atol=1e-14)
     assert any(not torch.allclose(d, e) for d, e in zip(default, every_tensor))  # truncated
@@ -68,11 +69,11 @@ def test_default_window_is_the_released_codes_setup():
 
 def test_samplers_receive_gradients_and_learn():
     method, engine = famus_setup({"name": "mwnet", "famus": True})
-    before = [p.detach().clone() for p in engine.famus.parameters()]
+    before = [p.detach().clone() for p in engine.meta_gradient.parameters()]
     train, meta = batch(8, 1), batch(6, 2)
     out = method.step(engine, train, lambda: meta)
     assert torch.isfinite(out.loss)
-    changed = [not torch.equal(b, p) for b, p in zip(before, engine.famus.parameters())]
+    changed = [not torch.equal(b, p) for b, p in zip(before, engine.meta_gradient.parameters())]
     assert all(changed)
 
 

@@ -64,8 +64,8 @@ def build_variant(label: str, method_cfg: dict, famus_cfg: dict, args, seed: int
     method = build_method(cfg.method, args.classes, model).to(args.device)
     engine = Engine(model, build_optimizer(cfg.optimizer, model.parameters()))
     if getattr(cfg.method, "famus", False):
-        engine.famus = Famus(cfg.famus, model)
-        engine.famus.generator = torch.Generator().manual_seed(seed)
+        engine.meta_gradient = Famus(cfg.famus, model)
+        engine.meta_gradient.generator = torch.Generator().manual_seed(seed)
     method.generator = torch.Generator().manual_seed(seed)
     method.on_epoch_start(1, engine)  # past MetaLabelNet's warm-up: its encoder exists
     return {"label": label, "method": method, "engine": engine, "cfg": cfg, "times": [], "meta": []}

@@ -31,11 +31,36 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from raymeta.parallel import all_reduce_sum_, global_sum, global_sum_many, rank_world
+from raymeta.parallel import all_reduce_sum_, global_sum_many
 
 if TYPE_CHECKING:
     from raymeta.data.loader import Batch
     from raymeta.methods.base import MetaMethod, StepOutput
+
+
+class MetaGradient:
+    """How a bilevel step turns the meta loss after the virtual step into the gradients of the
+    meta parameters. This one is exact; a strategy that is cheaper or differs (FaMUS:
+    `raymeta.methods.famus.Famus`) subclasses it, and the engine is given one. Its state is
+    saved with the run's checkpoint and its metrics join each epoch's."""
+
+    generator: torch.Generator | None = None
+    """the run's stream for the strategy's own random draws (set by the Trainer)"""
+
+    def gradient(self, engine: Engine, method: MetaMethod, logits: torch.Tensor, batch: Batch,
+                 meta_batch: Batch, meta_params: list[torch.Tensor]):
+        """(the meta loss, its gradient w.r.t. each of meta_params: None where unused)"""
+        meta_loss = engine.meta_objective(method, logits, batch, meta_batch)
+        return meta_loss, torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
+
+    def epoch_metrics(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict | None:
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
 
 
 class Engine:
@@ -50,8 +75,9 @@ class Engine:
         self.optimizer = optimizer
         self.steps = 0
         self.meta_seconds = 0.0
-        self.famus = None
-        """a raymeta.methods.famus.Famus when the method runs with famus: true"""
+        self.meta_gradient: MetaGradient = MetaGradient()
+        """how a bilevel step gets its meta gradient: exactly (this default), or FaMUS's gated
+        virtual step (raymeta.methods.famus.Famus, with method.famus: true)"""
         self.last_meta_loss: torch.Tensor | None = None
         """the meta loss of the latest meta step (detached), to find where training diverged"""
         self._cuda_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -119,19 +145,6 @@ class Engine:
                                     cfg.virtual_step)
         return method.meta_loss(self.functional_forward(theta, meta_batch.x), meta_batch)
 
-    def famus_objective(self, method: MetaMethod, logits: torch.Tensor, batch: Batch,
-                        meta_batch: Batch):
-        """FaMUS: the meta loss through the gated virtual step, and the samplers' extra loss."""
-        cfg = method.cfg
-        grads = self.gradients(method.virtual_loss(logits, batch), names=self.famus.scope)
-        gated, gates = self.famus.gate_gradients(grads)
-        theta = self.step_params(gated, cfg.virtual_lr, cfg.virtual_step)
-        with self.famus.truncating():
-            meta_loss = method.meta_loss(self.functional_forward(theta, meta_batch.x), meta_batch)
-        val_grad, = torch.autograd.grad(meta_loss, theta["classifier.weight"], retain_graph=True)
-        all_reduce_sum_([val_grad])  # this worker's share of the meta loss -> the whole
-        return meta_loss, self.famus.extra_loss(gates, grads["classifier.weight"], val_grad)
-
     # ------------------------------------------------------------------- full steps
     def bilevel_step(self, method: MetaMethod, batch: Batch,
                      meta_batch: Callable[[], Batch]) -> StepOutput:
@@ -141,13 +154,9 @@ class Engine:
         if self.meta_due(method):
             with self.meta_timer():
                 meta_params = method.meta_parameters(batch)
-                if self.famus is None:
-                    meta_loss = self.meta_objective(method, logits, batch, meta_batch())
-                    self.last_meta_loss = meta_loss.detach()
-                    grads = torch.autograd.grad(meta_loss, meta_params, allow_unused=True)
-                else:
-                    grads = self._famus_meta_gradient(method, logits, batch, meta_batch(),
-                                                      meta_params)
+                meta_loss, grads = self.meta_gradient.gradient(self, method, logits, batch,
+                                                               meta_batch(), meta_params)
+                self.last_meta_loss = meta_loss.detach()
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, grads)]
                 if not method.per_sample_meta_parameters:
                     all_reduce_sum_(grads)
@@ -155,34 +164,6 @@ class Engine:
         loss = method.actual_loss(logits, batch)
         self.actual_step(loss)
         return StepOutput(loss.detach(), logits.detach(), method.step_extras(batch))
-
-    def _famus_meta_gradient(self, method, logits, batch, meta_batch, meta_params):
-        """Meta gradient through the gated step; steps the samplers on the way."""
-        famus = self.famus
-        meta_loss, extra = self.famus_objective(method, logits, batch, meta_batch)
-        self.last_meta_loss = meta_loss.detach()
-        every = famus.cfg.cosine_every
-        if every and (famus.total_steps - 1) % every == 0:  # diagnostic: compare with the full one
-            gated = torch.autograd.grad(meta_loss, meta_params, retain_graph=True, allow_unused=True)
-            full = torch.autograd.grad(self.meta_objective(method, logits, batch, meta_batch),
-                                       meta_params, retain_graph=True, allow_unused=True)
-            a, b = [torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
-                               for p, g in zip(meta_params, gs)]) for gs in (gated, full)]
-            if not method.per_sample_meta_parameters:
-                all_reduce_sum_([a, b])
-                dots = torch.stack([a @ b, a @ a, b @ b])
-            else:  # each worker holds its samples' part of the vectors
-                dots = global_sum(torch.stack([a @ b, a @ a, b @ b]))
-            famus.cosines.append((dots[0] / (dots[1] * dots[2]).sqrt().clamp_min(1e-30)).item())
-        samplers = list(famus.parameters())
-        # the extra loss is the same on every worker: count it once in the summed gradient
-        world = rank_world()[1]
-        grads = torch.autograd.grad(meta_loss + extra / world, meta_params + samplers,
-                                    allow_unused=True)
-        sampler_grads = grads[len(meta_params):]
-        all_reduce_sum_([g for g in sampler_grads if g is not None])  # same pattern on all workers
-        famus.step(sampler_grads)
-        return grads[: len(meta_params)]
 
     def actual_step(self, loss: torch.Tensor) -> None:
         """The real update of the classifier."""

@@ -15,7 +15,8 @@ The samplers learn with the meta-model from L_meta + lambda_count * (sum r - k)^
 + lambda_grad * L_g, where L_g is the squared distance between the pooled training and
 validation gradients of the classifier weight (paper Eq. 10-12; the count loss sums over every
 gate, not only the last as in the released code). Works with every method of the engine's
-bilevel step (mwnet, l2r, mlc, metalabelnet).
+bilevel step (mwnet, l2r, mlc, metalabelnet): it is the engine's meta-gradient strategy
+(`Engine.meta_gradient`) in place of the exact one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from torch import nn
 
 from raymeta.config import FamusConfig
 from raymeta.errors import ConfigError
+from raymeta.methods.engine import MetaGradient
+from raymeta.parallel import all_reduce_sum_, global_sum, rank_world
 
 
 def unit_means(g: torch.Tensor) -> torch.Tensor:
@@ -62,8 +65,9 @@ def hard_gumbel_gate(logits: torch.Tensor, temperature: float,
     return (hard - soft.detach() + soft)[..., 1]  # index 1 means "on"
 
 
-class Famus:
-    """The samplers of one model, their optimizer, and their statistics."""
+class Famus(MetaGradient):
+    """The meta gradient through a gated virtual step: the samplers of one model, their
+    optimizer, and their statistics."""
 
     def __init__(self, cfg: FamusConfig, model: nn.Module):
         self.cfg = cfg
@@ -78,6 +82,13 @@ class Famus:
             self.stage = modules[model.last_stage] if cfg.detach_at is None else None
         else:
             window = names if cfg.candidates is None else names[-cfg.candidates:]
+        self.probe = next((n for n in names if n.startswith("classifier.") and n.endswith("weight")),
+                          None)
+        """the tensor whose training and meta gradients the gradient-matching loss compares"""
+        if self.probe is None:
+            raise ConfigError(f"FaMUS compares the gradients of the classifier's weight, and "
+                              f"{type(model).__name__} has no trainable parameter classifier.*weight: "
+                              f"name the model's last layer `classifier`, or train without famus")
         self.always_on = classifier if cfg.classifier_always_on or by_stage else set()
         self.candidates = [n for n in window if n not in self.always_on]
         self.scope: list[str] | None = None if cfg.exact_below_window else [
@@ -120,6 +131,50 @@ class Famus:
 
     def parameters(self):
         return self.samplers.parameters()
+
+    # ------------------------------------------------------------ the meta gradient
+    def gated_objective(self, engine, method, logits, batch, meta_batch):
+        """The meta loss through the gated virtual step, and the samplers' extra loss."""
+        cfg = method.cfg
+        grads = engine.gradients(method.virtual_loss(logits, batch), names=self.scope)
+        gated, gates = self.gate_gradients(grads)
+        theta = engine.step_params(gated, cfg.virtual_lr, cfg.virtual_step)
+        with self.truncating():
+            meta_loss = method.meta_loss(engine.functional_forward(theta, meta_batch.x), meta_batch)
+        val_grad, = torch.autograd.grad(meta_loss, theta[self.probe], retain_graph=True)
+        all_reduce_sum_([val_grad])  # this worker's share of the meta loss -> the whole
+        return meta_loss, self.extra_loss(gates, grads[self.probe], val_grad)
+
+    def gradient(self, engine, method, logits, batch, meta_batch, meta_params):
+        """The meta gradient through the gated step; steps the samplers on the way."""
+        meta_loss, extra = self.gated_objective(engine, method, logits, batch, meta_batch)
+        every = self.cfg.cosine_every
+        if every and (self.total_steps - 1) % every == 0:  # diagnostic: compare with the exact one
+            self.cosines.append(self._cosine_to_exact(engine, method, logits, batch, meta_batch,
+                                                      meta_params, meta_loss))
+        samplers = list(self.parameters())
+        # the extra loss is the same on every worker: count it once in the summed gradient
+        world = rank_world()[1]
+        grads = torch.autograd.grad(meta_loss + extra / world, meta_params + samplers,
+                                    allow_unused=True)
+        sampler_grads = grads[len(meta_params):]
+        all_reduce_sum_([g for g in sampler_grads if g is not None])  # same pattern on all workers
+        self.step(sampler_grads)
+        return meta_loss, grads[: len(meta_params)]
+
+    @staticmethod
+    def _cosine_to_exact(engine, method, logits, batch, meta_batch, meta_params, meta_loss) -> float:
+        gated = torch.autograd.grad(meta_loss, meta_params, retain_graph=True, allow_unused=True)
+        full = torch.autograd.grad(engine.meta_objective(method, logits, batch, meta_batch),
+                                   meta_params, retain_graph=True, allow_unused=True)
+        a, b = [torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                           for p, g in zip(meta_params, gs)]) for gs in (gated, full)]
+        if not method.per_sample_meta_parameters:
+            all_reduce_sum_([a, b])
+            dots = torch.stack([a @ b, a @ a, b @ b])
+        else:  # each worker holds its samples' part of the vectors
+            dots = global_sum(torch.stack([a @ b, a @ a, b @ b]))
+        return (dots[0] / (dots[1] * dots[2]).sqrt().clamp_min(1e-30)).item()
 
     def gate_gradients(self, grads: dict[str, torch.Tensor]) -> tuple[dict, torch.Tensor]:
         """Sample the gates and return the gated gradients and the gates (r) as a tensor."""

@@ -224,7 +224,7 @@ def checkpointed_state(store: str, sweep: str, trial_id: str, digest: str) -> di
     import json
 
     from raymeta.results.store import filesystem
-    from raymeta.train.trainer import CHECKPOINT_FILE, load_state_bytes
+    from raymeta.train.checkpoint import CHECKPOINT_FILE, load_state_bytes
 
     fs, base = filesystem(store_join(train_storage(store, sweep), trial_id))
     try:

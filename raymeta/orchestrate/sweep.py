@@ -44,7 +44,8 @@ from raymeta.results.store import (FINISHED, completed_digest, completed_digests
                                    store_join, table_dir, write_bytes, write_trial)
 from raymeta.threads import use_threads
 from raymeta.train.packed import pack_digest
-from raymeta.train.trainer import CHECKPOINT_FILE, check_checkpoint, curve_outcome, load_state_bytes
+from raymeta.train.checkpoint import CHECKPOINT_FILE, check_checkpoint, load_state_bytes
+from raymeta.train.trainer import curve_outcome
 
 DRIVER_CPUS = 0.01
 """what the Tune trial of a multi-worker run reserves itself (out of cpus_per_trial; the

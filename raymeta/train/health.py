@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+from raymeta.errors import RaymetaError
+
 LOSS_TOLERANCE = 0.01
 """the training loss is "at ln K" within this fraction of ln K"""
 STUCK_EPOCHS = 3
@@ -75,3 +77,22 @@ def collapse(curves: list[dict], num_classes: int) -> tuple[int, str] | None:
 def _final_run_start(flags: list[bool]) -> int:
     """The epoch from which every flag to the end is true (len(flags) when the last is false)."""
     return len(flags) - next((i for i, f in enumerate(reversed(flags)) if not f), len(flags))
+
+
+class TrainingDiverged(RaymetaError):
+    """A loss became NaN or infinite; the trial ends as failed with this reason."""
+
+
+def divergence(loss: float, epoch: int, first_bad: list[int], steps: int, *, method: str,
+               meta: bool, lr: float, whose: str = "") -> str:
+    """Why a run failed, for its row: which loss went non-finite first, and where.
+    `first_bad`: the first step whose training / meta loss was not finite (-1: none); `meta`:
+    whether the method has a meta loss; `whose`: which of several runs it was."""
+    train_step, meta_step = first_bad
+    if meta and meta_step >= 0 and not 0 <= train_step < meta_step:
+        where = f"the meta loss became non-finite at step {meta_step}"
+    else:
+        where = f"the training loss ({method}'s actual-step loss) became non-finite at step {train_step}"
+    hint = "lower optimizer.lr" + (" or method.meta_lr" if meta else "")
+    return (f"training loss{whose} is {loss} in epoch {epoch}: {where} of {steps} "
+            f"(method {method}, optimizer.lr {lr:g}); {hint}, or check the data")

@@ -10,6 +10,7 @@ would alone (`tests/test_packed.py` compares the two).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,9 @@ from raymeta.data.loader import pack_batches
 from raymeta.errors import ConfigError
 from raymeta.methods.packed import PackedMethod, packing_problem
 from raymeta.models.packed import PackedModel
-from raymeta.train.trainer import RunResult, Trainer, _check_digest
+from raymeta.train.checkpoint import check_digest
+from raymeta.train.health import TrainingDiverged
+from raymeta.train.trainer import RunResult, Trainer
 
 SHARED_KEYS = ("epoch", "lr", "epoch_seconds", "ms_per_step", "meta_step_share")
 """per-epoch metrics of the packed step itself, the same for every seed"""
@@ -103,9 +106,17 @@ class PackedTrainer(Trainer):
         return pack_batches([m.meta_batch() for m in self.members])
 
     def step_values(self, out, batch) -> dict[str, torch.Tensor]:
+        """Each seed's own step values, as "{seed}/{name}" (fit() hands each seed its own)."""
         return {f"{seed}/{key}": value
                 for seed, seed_out, part in zip(self.seeds, self.method.outputs, batch.parts)
                 for key, value in Trainer.step_values(seed_out, part).items()}
+
+    def check_finite(self, means: dict[str, float], first_bad: list[int], steps: int) -> None:
+        for seed in self.seeds:
+            loss = means[f"{seed}/loss"]
+            if not math.isfinite(loss):
+                raise TrainingDiverged(self.divergence(
+                    loss, first_bad, steps, whose=f" of seed {seed} (one of the packed seeds)"))
 
     # ---------------------------------------------------------------------- bookkeeping
     def _share_costs(self) -> None:
@@ -127,7 +138,7 @@ class PackedTrainer(Trainer):
                 "config_digest": self.digest()}
 
     def load_state(self, state: dict, path: Path) -> None:
-        _check_digest(state, path, self.digest())
+        check_digest(state, path, self.digest())
         for member, member_state in zip(self.members, state["members"]):
             member.load_state(member_state, path)
         self.model.pack_from([m.model for m in self.members])

@@ -18,10 +18,7 @@ meta set of each epoch is chosen at the end of the previous one from the trainin
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
-import os
 import resource
 import time
 from collections.abc import Callable
@@ -36,20 +33,16 @@ from raymeta.config import ExperimentConfig
 from raymeta.data import pseudo
 from raymeta.data.bundle import DataBundle, build_data, seeded_rng
 from raymeta.data.loader import DeviceSplit
-from raymeta.errors import ConfigError, RaymetaError, StorageError, is_storage_failure
+from raymeta.errors import ConfigError
 from raymeta.methods import Engine, build_method
 from raymeta.methods.base import Method, masked_sum_count, per_sample_ce, scalar_sum_count
 from raymeta.methods.famus import Famus
 from raymeta.methods.optim import build_optimizer, lr_factor, set_lr
 from raymeta.models import build_model
 from raymeta.parallel import all_reduce_sum_, average_buffers_, rank_world, synchronize_batchnorm
-from raymeta.safeload import safe_load
-
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class TrainingDiverged(RaymetaError):
-    """A loss became NaN or infinite; the trial ends as failed with this reason."""
+from raymeta.train import checkpoint
+from raymeta.train.health import TrainingDiverged, divergence
+from raymeta.train.streams import Streams
 
 
 @dataclass
@@ -58,46 +51,6 @@ class RunResult:
     """one dict per epoch"""
     outcome: dict
     """final/peak/at-best-meta accuracies, costs, data facts"""
-
-
-@dataclass
-class _Generators:
-    order: torch.Generator
-    meta: torch.Generator
-    augment: torch.Generator
-    method: torch.Generator
-
-    def state(self) -> dict:
-        state = {k: getattr(self, k).get_state() for k in ("order", "meta", "augment", "method")}
-        state["torch"] = torch.random.get_rng_state()  # dropout and other global draws
-        return state
-
-    def load(self, state: dict) -> None:
-        torch.random.set_rng_state(state.pop("torch"))
-        for key, value in state.items():
-            getattr(self, key).set_state(value)
-
-
-def _check_digest(state: dict, path: Path, digest: str) -> None:
-    if state["config_digest"] != digest:
-        raise ConfigError(f"checkpoint {path} was written by another config "
-                          f"(digest {state['config_digest']}, this one {digest}); "
-                          f"use a fresh output folder (--out) or the original config")
-
-
-def check_checkpoint(path: str | Path, digest: str) -> None:
-    """Raise before any training if the checkpoint at `path` belongs to another config (given
-    by its digest: ExperimentConfig.digest(), or a pack's `pack_digest`)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    # memory-mapped: only the digest is read here, the tensors when the Trainer loads them
-    _check_digest(safe_load(str(path), mmap=True), path, digest)
-
-
-def load_state_bytes(data: bytes) -> dict:
-    """A Trainer state from a checkpoint's bytes (e.g. read from an object store)."""
-    return safe_load(data)
 
 
 OPTIONAL_FINALS = {"test_acc_rare_third": "final_rare_third_acc",
@@ -187,7 +140,7 @@ class Trainer:
         self.pseudo_index: torch.Tensor | None = None
         """positions in the training split of the current pseudo-clean meta set"""
         if getattr(cfg.method, "famus", False):
-            self.engine.famus = Famus(cfg.famus, self.model)
+            self.engine.meta_gradient = Famus(cfg.famus, self.model)
         layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.splits = {name: DeviceSplit(getattr(self.data, name), self.data, self.device,
                                          self.dtype, layout)
@@ -197,14 +150,8 @@ class Trainer:
             if len(self.splits[name]) < self.world:
                 raise ConfigError(f"the {name} split has {len(self.splits[name])} samples, fewer "
                                   f"than the {self.world} data-parallel workers; use fewer workers")
-        seeds = [int(s) for s in seeded_rng(cfg.seed, "batches").integers(0, 2**62, size=4)]
-        self.gens = _Generators(torch.Generator().manual_seed(seeds[0]),
-                                torch.Generator().manual_seed(seeds[1]),
-                                torch.Generator(self.device).manual_seed(seeds[2]),
-                                torch.Generator().manual_seed(seeds[3]))
-        self.method.generator = self.gens.method
-        if self.engine.famus is not None:
-            self.engine.famus.generator = self.gens.method
+        self.gens = Streams.for_run(cfg.seed, self.device)
+        self.method.generator = self.engine.meta_gradient.generator = self.gens.method
         if resume_from is not None:
             self.load_checkpoint(resume_from)
 
@@ -281,15 +228,12 @@ class Trainer:
         meta_seconds = engine.take_meta_seconds()
         self.train_seconds += seconds
         self.meta_seconds += meta_seconds
-        for key, value in means.items():
-            if key.rpartition("/")[2] == "loss" and not math.isfinite(value):
-                raise TrainingDiverged(self._divergence(key, value, first_bad.tolist(), count))
+        self.check_finite(means, first_bad.tolist(), count)
         return {"epoch": self.epoch, "lr": lr, "epoch_seconds": seconds,
                 "ms_per_step": 1000.0 * seconds / max(count, 1),
                 "meta_step_share": meta_seconds / seconds if seconds else 0.0,
                 **{f"train_{key}": value for key, value in means.items()},
-                **method.epoch_metrics(self.data),
-                **(engine.famus.epoch_metrics() if engine.famus is not None else {})}
+                **method.epoch_metrics(self.data), **engine.meta_gradient.epoch_metrics()}
 
     def epoch_batches(self):
         """This epoch's training batches (this worker's part of each)."""
@@ -314,19 +258,15 @@ class Trainer:
                 "acc_clean": masked_sum_count((pred == batch.y_clean).float(), batch.y_clean >= 0),
                 **out.extras}
 
-    def _divergence(self, key: str, mean_loss: float, first_bad: list[int], steps: int) -> str:
-        """Which loss went non-finite first, and where, for the failed row."""
-        cfg, name = self.cfg, self.method.name
-        train_step, meta_step = first_bad
-        if self.method.uses_meta_batch and meta_step >= 0 and not 0 <= train_step < meta_step:
-            where = f"the meta loss became non-finite at step {meta_step}"
-        else:
-            where = f"the training loss ({name}'s actual-step loss) became non-finite at step {train_step}"
-        hint = "lower optimizer.lr" + (" or method.meta_lr" if self.method.uses_meta_batch else "")
-        seed, _, _ = key.rpartition("/")  # packed seeds: which of them
-        whose = f" of seed {seed} (one of the packed seeds)" if seed else ""
-        return (f"training loss{whose} is {mean_loss} in epoch {self.epoch}: {where} of {steps} "
-                f"(method {name}, optimizer.lr {cfg.optimizer.lr:g}); {hint}, or check the data")
+    def check_finite(self, means: dict[str, float], first_bad: list[int], steps: int) -> None:
+        """Raise TrainingDiverged, with where it happened, if the epoch's training loss is not
+        finite (`first_bad`: the first step whose training / meta loss was not)."""
+        if not math.isfinite(means["loss"]):
+            raise TrainingDiverged(self.divergence(means["loss"], first_bad, steps))
+
+    def divergence(self, loss: float, first_bad: list[int], steps: int, whose: str = "") -> str:
+        return divergence(loss, self.epoch, first_bad, steps, method=self.method.name,
+                          meta=self.method.uses_meta_batch, lr=self.cfg.optimizer.lr, whose=whose)
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -373,26 +313,10 @@ class Trainer:
                                    rank=self.rank, world=self.world):
             losses[batch.index] = per_sample_ce(self.eval_logits(batch), batch.y).double()
         all_reduce_sum_([losses])
-        chosen = torch.zeros(len(train) + 1, dtype=torch.float64, device=self.device)
-        if self.rank == 0:  # one fit; the sum below hands its choice (and fallback flag) to all
-            labeled = np.flatnonzero(train.y.cpu().numpy() >= 0)  # unlabeled: no label to trust
-            values = losses.cpu().numpy()[labeled]
-            fit_seed = int(seeded_rng(self.cfg.seed, "pseudo", self.epoch).integers(2**31))
-            picked, fallback = pseudo.choose(pseudo.clean_posterior(values, fit_seed), values,
-                                             self.pseudo)
-            chosen[torch.as_tensor(labeled[picked], device=self.device)] = 1.0
-            chosen[-1] = float(fallback)
-        all_reduce_sum_([chosen])
-        self.use_pseudo_meta(torch.nonzero(chosen[:-1] > 0).flatten())
-        y, y_clean = self.splits["meta"].y, self.splits["meta"].y_clean
-        known = y_clean >= 0
-        correct = (train.y == train.y_clean) & (train.y_clean >= 0)
-        caught = ((chosen[:-1] > 0) & correct).sum().item()
-        return {"pseudo_meta_size": len(y),  # precision and recall: NaN without true labels
-                "pseudo_meta_precision": (y == y_clean)[known].double().mean().item(),
-                "pseudo_meta_recall": caught / correct.sum().item() if correct.any() else math.nan,
-                "pseudo_meta_classes": len(torch.unique(y)),
-                "pseudo_meta_fallback": bool(chosen[-1].item())}
+        index, fallback = pseudo.choose_meta_set(losses, train.y, self.pseudo, self.cfg.seed,
+                                                 self.epoch, self.rank)
+        self.use_pseudo_meta(index)
+        return pseudo.quality(index, train.y, train.y_clean, fallback)
 
     def autocast(self):
         """bfloat16 matrix multiplies and convolutions when train.bf16 is set."""
@@ -435,7 +359,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "method": self.method.state_dict(),
-                "famus": self.engine.famus.state_dict() if self.engine.famus is not None else None,
+                "meta_gradient": self.engine.meta_gradient.state_dict(),
                 "generators": self.gens.state(), "curves": self.curves,
                 "train_seconds": self.train_seconds, "meta_seconds": self.meta_seconds,
                 "steps": self.engine.steps, "restarts": self.restarts,
@@ -443,46 +367,23 @@ class Trainer:
                 "config_digest": self.cfg.digest(), "noisy_labels_sha": self.data.noise.sha}
 
     def save_checkpoint(self, folder: str | Path) -> Path:
-        """Write checkpoint.pt atomically into `folder`. The bytes are made in memory first:
-        torch.save into a file on a full disk fails with an opaque RuntimeError, a plain write
-        with the errno. A write that no retry can fix (disk full, quota, permissions,
-        read-only) raises StorageError; a failed write leaves the previous checkpoint and no
-        temporary file."""
-        buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
-        folder = Path(folder)
-        tmp = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.tmp"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as out:
-                out.write(buffer.getbuffer())
-            os.replace(tmp, folder / CHECKPOINT_FILE)
-        except OSError as err:
-            with contextlib.suppress(OSError):  # on a full disk it holds space
-                tmp.unlink(missing_ok=True)
-            if is_storage_failure(err):
-                raise StorageError(f"cannot write the checkpoint {folder / CHECKPOINT_FILE}: "
-                                   f"{err}") from err
-            raise
-        return folder / CHECKPOINT_FILE
+        """checkpoint.pt in `folder`, written atomically (raymeta.train.checkpoint.write)."""
+        return checkpoint.write(self.state_dict(), folder)
 
     def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_dir():
-            path = path / CHECKPOINT_FILE
-        self.load_state(safe_load(str(path), map_location=self.device), path)
+        self.load_state(*checkpoint.read(path, self.device))
 
     def load_state(self, state: dict, path: Path) -> None:
         """Continue from a state_dict() read from the checkpoint at `path`."""
-        _check_digest(state, path, self.cfg.digest())
+        checkpoint.check_digest(state, path, self.cfg.digest())
         if state["noisy_labels_sha"] != self.data.noise.sha:
             raise ConfigError(f"checkpoint {path} was trained on other noisy labels; the data "
                               f"or label file changed since; start a fresh run")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
-        if self.engine.famus is not None:
-            self.engine.famus.load_state_dict(state["famus"])
+        # "famus": the key of checkpoints written before the meta gradient was a strategy
+        self.engine.meta_gradient.load_state_dict(state.get("meta_gradient", state.get("famus")))
         self.gens.load(dict(state["generators"]))
         self.epoch, self.curves = state["epoch"], state["curves"]
         self.train_seconds, self.meta_seconds = state["train_seconds"], state["meta_seconds"]
