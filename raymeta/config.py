@@ -21,10 +21,11 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
                       field_validator, model_validator)
 
 from raymeta import plugins
+from raymeta.data.sets import built_ins as _built_in_datasets
 from raymeta.errors import ConfigError
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "clothing1m", "imagefolder",
-            "synthetic")
+DATASETS: tuple[str, ...] = tuple(_built_in_datasets())
+"""the built-in datasets (each a module of raymeta.data.sets), in alphabetical order"""
 NOISE_TYPES = ("none", "uniform", "symmetric", "flip_random", "flip_to_one", "pair",
                "asymmetric", "feature_dependent", "real")
 
@@ -82,9 +83,10 @@ def _plugin_options(options: dict[str, Any], name: str | None, builtins: tuple[s
 # ---------------------------------------------------------------------------------- data
 class DatasetConfig(_Config):
     name: str = "digits"
-    """which dataset: digits (bundled with scikit-learn), mnist, fashion_mnist, cifar10,
-    cifar100, clothing1m, imagefolder (your own images: root/train/<class>/*, root/test/<class>/*,
-    optionally root/val/<class>/*), synthetic (seeded Gaussian blobs); or a plugin dataset:
+    """which dataset (DATASETS, each a module of raymeta.data.sets): digits (bundled with
+    scikit-learn), mnist, fashion_mnist, cifar10, cifar100, clothing1m, imagefolder (your own
+    images: root/train/<class>/*, root/test/<class>/*, optionally root/val/<class>/*),
+    synthetic (seeded Gaussian blobs); or a plugin dataset:
     an installed entry point of the group raymeta.datasets, or an import path
     (package.module:function)"""
     root: str | None = None
@@ -774,9 +776,9 @@ class ResourcesConfig(_Config):
                 "GPU": self.gpus_per_trial / self.workers_per_trial}
 
 
-_READ_BY = {"dataset.test_fraction": ("dataset", ("digits", "synthetic")),
-            **{f"dataset.synthetic_{key}": ("dataset", ("synthetic",))
-               for key in ("samples", "classes", "features")},
+_READ_BY = {**{f"dataset.{key}": ("dataset", tuple(n for n, d in _built_in_datasets().items()
+                                                if key in d.reads))
+               for key in sorted({key for d in _built_in_datasets().values() for key in d.reads})},
             "noise.mapping": ("noise", ("asymmetric",)), "noise.file": ("noise", ("real",)),
             "noise.key": ("noise", ("real",)), "noise.probs_file": ("noise", ("feature_dependent",))}
 """dataset and noise settings -> (section, the datasets or noise types that read them)"""

@@ -77,7 +77,7 @@ CASES = [
     ("unknown noise type", "run", lambda d: experiment(**{"noise.type": "unifrom", "noise.rate": 0.4}), [],
      "did you mean 'uniform'"),
     ("unknown dataset", "run", lambda d: experiment(**{"dataset.name": "cifar"}), [],
-     "dataset.name: unknown dataset 'cifar'; choose one of digits, mnist"),
+     "dataset.name: unknown dataset 'cifar'; choose one of cifar10, cifar100, clothing1m, digits"),
     ("unknown model", "run", lambda d: experiment(**{"model.name": "resnet18"}), [],
      "model.name"),
     ("unknown model option", "run", lambda d: experiment(**{"model.options": {"hiden": [8]}}), [],

@@ -184,3 +184,31 @@ def test_per_class_and_rarest_third_accuracy_are_recorded():
     assert result.outcome["final_rare_third_acc"] == last["test_acc_rare_third"]
     plain = Trainer(parse_experiment(tiny_experiment())).fit()
     assert "final_rare_third_acc" not in plain.outcome and len(plain.curves[-1]["test_class_acc"]) == 10
+
+
+def test_built_in_datasets_are_what_their_modules_say():
+    """A built-in dataset is a module of raymeta.data.sets (found by reading the source, without
+    importing it): what the registry read is what the module says when imported, every module
+    names at least one dataset and has its loader, and the settings it reads are dataset
+    settings. Adding a dataset touches its own module only."""
+    import importlib
+    from pathlib import Path
+
+    from raymeta.config import DATASETS, DatasetConfig
+    from raymeta.data import sets
+
+    found = sets.built_ins()
+    assert tuple(found) == DATASETS == tuple(sorted(DATASETS))
+    modules = {p.stem for p in Path(sets.__file__).parent.glob("*.py")} - {"__init__"}
+    assert {entry.module.rsplit(".", 1)[1] for entry in found.values()} == modules
+    for name, entry in found.items():
+        module = importlib.import_module(entry.module)
+        assert name in module.NAMES and callable(module.load)
+        assert entry.augment == getattr(module, "AUGMENT", "none")
+        assert entry.reads == tuple(getattr(module, "READS", ()))
+        assert entry.needs_root == getattr(module, "NEEDS_ROOT", True)
+        assert set(entry.reads) <= set(DatasetConfig.model_fields)
+    # what only some datasets read is refused elsewhere, naming them
+    with pytest.raises(ConfigError, match=r"dataset\.test_fraction: dataset mnist does not read "
+                                          r"it \(read by: digits, synthetic\)"):
+        parse_experiment({"dataset": {"name": "mnist", "root": ".", "test_fraction": 0.2}})

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raymeta.config import ExperimentConfig, MetaSetConfig
+from raymeta.data import sets
 from raymeta.data.datasets import ImageFiles, load_raw, read_label_file
 from raymeta.data.noise import (
     NoisyLabels,
@@ -21,8 +22,6 @@ from raymeta.data.noise import (
     make_noisy_labels,
 )
 from raymeta.errors import ConfigError, DataError
-
-AUGMENT_DEFAULTS = {"cifar10": "crop_flip", "cifar100": "crop_flip", "clothing1m": "flip"}
 
 
 @dataclass
@@ -232,6 +231,7 @@ def build_data(cfg: ExperimentConfig) -> DataBundle:
         channels, side = train.x.shape[1], train.x.shape[-1]
         augment = "none" if channels == 1 else "crop_flip" if side <= 64 else "flip"
     elif augment == "auto":
-        augment = AUGMENT_DEFAULTS.get(cfg.dataset.name, "none")
+        entry = sets.built_ins().get(cfg.dataset.name)  # a plugin dataset: none
+        augment = entry.augment if entry else "none"
     meta_sha = hashlib.sha256(np.ascontiguousarray(meta_idx, dtype=np.int64)).hexdigest()[:16]
     return DataBundle(train, meta, test, k, raw.class_names, mean, std, augment, noise, meta_sha)

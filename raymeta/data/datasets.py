@@ -1,13 +1,13 @@
 """Datasets by name, as arrays in memory (or image files decoded lazily).
 
 `load_raw` returns the clean training and test splits of a dataset; noise and the meta split
-are applied on top by `raymeta.data.bundle`. Digits and synthetic need no files; the others
-read the official release formats through `raymeta.data.formats`.
+are applied on top by `raymeta.data.bundle`. Each built-in dataset is a module of
+`raymeta.data.sets`; digits and synthetic need no files, the others read the official release
+formats through `raymeta.data.formats`.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from raymeta import plugins
 from raymeta.config import DATASETS, DatasetConfig
-from raymeta.data import formats
+from raymeta.data import formats, sets
 from raymeta.errors import ConfigError, DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -55,6 +55,12 @@ class RawData:
     std: tuple[float, ...] | None = None
     extra: dict = field(default_factory=dict)
 
+    @classmethod
+    def from_arrays(cls, arrays: formats.ArraySplits) -> RawData:
+        """A dataset read from its official release files (raymeta.data.formats)."""
+        return cls(arrays.train_x, arrays.train_y.astype(np.int64), arrays.test_x,
+                   arrays.test_y.astype(np.int64), arrays.num_classes, list(arrays.class_names))
+
 
 def load_raw(cfg: DatasetConfig) -> RawData:
     raw = _load(cfg)
@@ -62,31 +68,7 @@ def load_raw(cfg: DatasetConfig) -> RawData:
 
 
 def _load(cfg: DatasetConfig) -> RawData:
-    if cfg.name not in DATASETS:
-        return _plugin_dataset(cfg)
-    if cfg.name == "digits":
-        return _digits(cfg.test_fraction)
-    if cfg.name == "synthetic":
-        return _synthetic(cfg.synthetic_classes, cfg.synthetic_features, cfg.synthetic_samples,
-                          cfg.test_fraction)
-    if cfg.root is None and not cfg.download:
-        raise ConfigError(f"dataset.root is required for dataset '{cfg.name}': set it to the folder "
-                          f"that holds the files (or set dataset.download: true)")
-    root = Path(cfg.root or ".").expanduser().resolve()
-    if cfg.name in ("mnist", "fashion_mnist"):
-        arrays = formats.load_mnist(root, variant=cfg.name, download=cfg.download)
-    elif cfg.name in ("cifar10", "cifar100"):
-        arrays = formats.load_cifar(root, num_classes=int(cfg.name[5:]), download=cfg.download)
-    elif cfg.name == "clothing1m":
-        return _clothing1m(root, cfg.image_size or 224)
-    elif cfg.name == "imagefolder":
-        from raymeta.data.imagefolder import load_imagefolder
-
-        return load_imagefolder(root, cfg.image_size, cfg.cache)
-    else:  # unreachable: the config validates the name
-        raise ConfigError(f"unknown dataset '{cfg.name}'")
-    return RawData(arrays.train_x, arrays.train_y.astype(np.int64), arrays.test_x,
-                   arrays.test_y.astype(np.int64), arrays.num_classes, list(arrays.class_names))
+    return sets.load(cfg) if cfg.name in DATASETS else _plugin_dataset(cfg)
 
 
 def _plugin_dataset(cfg: DatasetConfig) -> RawData:
@@ -135,57 +117,19 @@ def keep_classes(raw: RawData, classes: list[int], name: str) -> RawData:
                    mean=raw.mean, std=raw.std, extra=raw.extra)
 
 
-def _fixed_split(y: np.ndarray, test_fraction: float):
+def fixed_split(y: np.ndarray, test_fraction: float):
     """A stratified train/test split that is the same for every seed."""
     from sklearn.model_selection import train_test_split
 
     return train_test_split(np.arange(len(y)), test_size=test_fraction, stratify=y, random_state=0)
 
 
-def _read_only(raw: RawData) -> RawData:
+def read_only(raw: RawData) -> RawData:
     """A RawData that is cached and shared by the runs of a process (a chain of cells, a test
     session) must not be changed by one of them: its arrays refuse writes."""
     for array in (raw.train_x, raw.train_y, raw.test_x, raw.test_y):
         array.flags.writeable = False
     return raw
-
-
-# Digits and synthetic need no files, so they are a function of their settings alone: loaded
-# once per process (their parsing and stratified split cost more than a short cell trains).
-@functools.lru_cache(maxsize=4)
-def _digits(test_fraction: float) -> RawData:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    # 8x8 images with 17 grey levels (0..16) -> uint8 0..255, shaped (N, 1, 8, 8)
-    x = np.round(digits.images * (255 / 16)).astype(np.uint8)[:, None]
-    y = digits.target.astype(np.int64)
-    train, test = _fixed_split(y, test_fraction)
-    return _read_only(RawData(x[train], y[train], x[test], y[test], 10, [str(d) for d in range(10)]))
-
-
-@functools.lru_cache(maxsize=4)
-def _synthetic(k: int, d: int, n: int, test_fraction: float) -> RawData:
-    """Gaussian blobs, one per class, fixed by a constant seed (the trial seed picks the noise)."""
-    rng = np.random.default_rng(1234)
-    centers = rng.normal(0.0, 2.0, size=(k, d))
-    y = np.arange(n) % k
-    x = (centers[y] + rng.normal(size=(n, d))).astype(np.float32)[:, :, None, None]  # (N, F, 1, 1)
-    train, test = _fixed_split(y, test_fraction)
-    return _read_only(RawData(x[train], y[train], x[test], y[test], k, [f"class{c}" for c in range(k)]))
-
-
-def _clothing1m(root: Path, size: int) -> RawData:
-    data = formats.load_clothing1m(root)
-
-    def files(split):
-        return ImageFiles(split.root, np.asarray(split.paths, dtype=object), size)
-
-    return RawData(files(data.train), data.train.clean_labels.astype(np.int64),
-                   files(data.test), data.test.labels.astype(np.int64), data.num_classes,
-                   list(data.class_names), train_given=data.train.labels.astype(np.int64),
-                   val_x=files(data.val), val_y=data.val.labels.astype(np.int64),
-                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def read_label_file(path: str, key: str | None, expected: int, num_classes: int) -> np.ndarray:
