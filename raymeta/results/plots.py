@@ -10,7 +10,7 @@ from pathlib import Path
 import polars as pl
 
 from raymeta.errors import ConfigError
-from raymeta.results.query import METRICS, is_fraction, unique_runs
+from raymeta.results.query import METRICS, column_label, is_fraction, unique_runs
 
 LABELS = {"final": "final test accuracy (%)", "peak": "peak test accuracy (%)",
           "best_meta": "test accuracy at best meta epoch (%)"}
@@ -60,11 +60,20 @@ def _against(done: pl.DataFrame, key: str, out: str | Path, metric: str,
             line = part.filter(pl.col("method") == method)
             ax.errorbar(line[key].to_list(), line["mean"].to_list(), yerr=line["std"].to_list(),
                         marker="o", capsize=3, label=method)
-        ax.set_title(" ".join(str(v) for v in values) or title)
+        ax.set_title(_panel_title(panels, values) or title)
         ax.set_xlabel(key)
+        if groups[key].dtype == pl.String and groups[key].str.len_chars().max() > 8:
+            ax.tick_params(axis="x", labelrotation=25)  # long labels (lists) would overlap
         ax.grid(alpha=0.3)
     _finish(axes, len(panel_values), LABELS.get(metric, column))
     return _save(fig, out, plt)
+
+
+def _panel_title(panels: Sequence[str], values: tuple) -> str:
+    """A panel's title: its noise as the tables name it ("clean", "uniform 0.4"), or its values."""
+    if list(panels) == ["noise.type", "noise.rate"]:
+        return column_label(*values)
+    return " ".join(str(v) for v in values)
 
 
 def against_noise_rate(trials: pl.DataFrame, out: str | Path, metric: str = "final") -> Path:

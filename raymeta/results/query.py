@@ -144,7 +144,7 @@ def with_method_label(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_columns(label.alias("method"))
 
 
-def _column_label(noise_type: str, rate: float) -> str:
+def column_label(noise_type: str, rate: float) -> str:
     return "clean" if noise_type == "none" else f"{noise_type} {rate:g}"
 
 
@@ -236,7 +236,7 @@ def summary_cells(trials: pl.DataFrame, by: Sequence[str] = ("method",),
     if columns and columns[0] == "noise.type":  # the clean column first, as in the papers
         cells = cells.sort(pl.col("noise.type") != "none", maintain_order=True)
     label = (pl.struct(list(columns)).map_elements(
-        lambda s: _column_label(*(s[c] for c in columns)) if len(columns) == 2 and
+        lambda s: column_label(*(s[c] for c in columns)) if len(columns) == 2 and
         columns[0] == "noise.type" else " ".join(str(s[c]) for c in columns),
         return_dtype=pl.String).alias("setting"))
     best = pl.col("mean").min() if lower_is_better(metric_col) else pl.col("mean").max()
