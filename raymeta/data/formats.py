@@ -91,8 +91,15 @@ def load_mnist(root: str | Path, variant: str = "mnist", download: bool = False)
     """Load MNIST or Fashion-MNIST from the four IDX files in root or in torchvision's root/<Class>/raw."""
     if variant not in _MNIST:
         raise ConfigError(f"unknown MNIST variant {variant!r}; use one of {sorted(_MNIST)}.")
+    return load_idx(root, variant, *_MNIST[variant], download=download)
+
+
+def load_idx(root: str | Path, variant: str, tv_name: str, class_names: Sequence[str],
+             download: bool = False) -> ArraySplits:
+    """A dataset in MNIST's layout (the four IDX files of MNIST's names, plain or gzipped) from
+    root or from torchvision's root/<tv_name>/raw; `download` fetches it with torchvision's
+    class `tv_name`. `variant`: the dataset's name in messages."""
     root = Path(root)
-    tv_name, class_names = _MNIST[variant]
     dirs = [root, root / tv_name / "raw"]
     files = _find_mnist_files(dirs)
     if files is None and download:
