@@ -212,3 +212,20 @@ def test_built_in_datasets_are_what_their_modules_say():
     with pytest.raises(ConfigError, match=r"dataset\.test_fraction: dataset mnist does not read "
                                           r"it \(read by: digits, synthetic\)"):
         parse_experiment({"dataset": {"name": "mnist", "root": ".", "test_fraction": 0.2}})
+
+
+def test_kmnist_reads_its_idx_files_through_the_registry(tmp_path):
+    """A dataset added as one module of raymeta.data.sets (kmnist.py) is a config's dataset:
+    validated by name, read from torchvision's layout, its class names its own."""
+    import fixtures_formats as fx
+
+    arrays = fx.mnist_arrays(n_train=40, n_test=20)
+    fx.write_mnist(tmp_path / "KMNIST" / "raw", arrays, gz=True)
+    cfg = parse_experiment({"dataset": {"name": "kmnist", "root": str(tmp_path)},
+                            "meta_set": {"per_class": 1}})
+    data = build_data(cfg)
+    assert data.class_names[:3] == ["o", "ki", "su"] and data.num_classes == 10
+    assert len(data.train.y) + len(data.meta.y) == 40 and len(data.test.y) == 20
+    assert data.augment == "none"  # characters, like digits, change with a flip
+    with pytest.raises(DataError, match=r"kmnist: no data found under"):
+        build_data(parse_experiment({"dataset": {"name": "kmnist", "root": str(tmp_path / "none")}}))
