@@ -84,11 +84,10 @@ def _plugin_options(options: dict[str, Any], name: str | None, builtins: tuple[s
 class DatasetConfig(_Config):
     name: str = "digits"
     """which dataset (DATASETS, each a module of raymeta.data.sets): digits (bundled with
-    scikit-learn), mnist, fashion_mnist, cifar10, cifar100, clothing1m, imagefolder (your own
-    images: root/train/<class>/*, root/test/<class>/*, optionally root/val/<class>/*),
-    synthetic (seeded Gaussian blobs); or a plugin dataset:
-    an installed entry point of the group raymeta.datasets, or an import path
-    (package.module:function)"""
+    scikit-learn), mnist, fashion_mnist, kmnist, cifar10, cifar100, clothing1m, imagefolder
+    (your own images: root/train/<class>/*, root/test/<class>/*, optionally
+    root/val/<class>/*), synthetic (seeded Gaussian blobs); or a plugin dataset: an installed
+    entry point of the group raymeta.datasets, or an import path (package.module:function)"""
     root: str | None = None
     """folder that holds the dataset files (not needed for digits and synthetic)"""
     options: dict[str, Any] = Field(default_factory=dict)
