@@ -136,6 +136,26 @@ def test_resume_on_a_copied_store_skips_rows_written_under_older_trial_ids(ray_s
     assert len(query.load(str(tmp_path), "trials", "copied")) == 2
 
 
+def test_resume_after_the_sweep_file_changed_runs_the_new_cells(ray_session, tmp_path, capsys):
+    """Cells added to a sweep file between an interruption and `--resume` run: Tune would
+    restore the grid it saved and skip them silently."""
+    base = {"name": "grown", "store": str(tmp_path), "base": tiny_experiment(train={"epochs": 1})}
+    spec = parse_sweep({**base, "grid": {"seed": [0, 1]}})
+    assert run_sweep(spec, expand(spec)).failed == 0
+    grown = parse_sweep({**base, "grid": {"seed": [0, 1, 2]}})
+    capsys.readouterr()
+    assert run_sweep(grown, expand(grown), resume=True).failed == 0
+    captured = capsys.readouterr()
+    assert "the sweep's cells changed since it was interrupted" in captured.err
+    assert "2 of 3 trials already have finished rows" in captured.out
+    trials = query.load(str(tmp_path), "trials", "grown")
+    assert sorted(trials["seed"].to_list()) == [0, 1, 2]
+    # unchanged, a resume restores Tune's state as before: nothing to train, no message
+    assert run_sweep(grown, expand(grown), resume=True).failed == 0
+    assert "changed since" not in capsys.readouterr().err
+    assert len(query.load(str(tmp_path), "trials", "grown")) == 3
+
+
 def test_interrupted_sweep_says_so_and_resumes_each_trial_once(tmp_path):
     """Ctrl-C (SIGINT) mid-sweep: exit 130, a message that names --resume, a summary marked
     partial. Then SIGKILL of the driver and its Ray mid-resume. Then a resume that finishes:

@@ -16,6 +16,7 @@ training metric per epoch; a stopped trial's rows are written from its last chec
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -582,6 +583,32 @@ class SweepRun:
     """(sweep, trial id, error) of failed trials whose row is not in the store"""
 
 
+GRID_FILE = "raymeta-grid.json"
+"""beside Tune's experiment state: the cells the sweep was started with, so that a resume of a
+sweep file that has changed since does not restore the old grid"""
+
+
+def _grid_identity(cells: list[Cell], resources: ResourcesConfig) -> list[str]:
+    """The sweep as Tune would run it: its trials' ids (packs and chains included)."""
+    return [t["trial_id"] for t in _tune_trials(cells, resources)]
+
+
+def _save_grid(experiment: str, grid: list[str]) -> None:
+    fs, path = filesystem(store_join(experiment, GRID_FILE))
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    write_bytes(fs, path, json.dumps(grid).encode())
+
+
+def _saved_grid(experiment: str) -> list[str] | None:
+    """The grid a sweep was started with (None: unknown, e.g. started by an older version)."""
+    fs, path = filesystem(store_join(experiment, GRID_FILE))
+    try:
+        with fs.open_input_stream(path) as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
+
+
 def finished_digests(store: str, sweep: str) -> set[str]:
     """Config digests of the sweep's runs that trained to their end (one listing of the
     store, whatever the trial ids of the rows)."""
@@ -670,6 +697,13 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
     # a store copied without Tune's state (another machine, fidelity-store/) restores nothing:
     # its finished rows are found by digest, whatever trial ids older versions gave them
     restoring = resume and ray.tune.Tuner.can_restore(experiment)
+    grid_ids = _grid_identity(cells, spec.resources)
+    if restoring and _saved_grid(experiment) not in (None, grid_ids):
+        # Tune would restore the grid it saved, and silently skip the cells added since
+        print("the sweep's cells changed since it was interrupted: starting it afresh (finished "
+              "trials are skipped, interrupted ones continue from their last epoch)",
+              file=sys.stderr, flush=True)
+        restoring = False
     if not rerun and not restoring:
         done = finished_digests(store, spec.name)
         todo = [c for c in cells if c.config.digest() not in done]
@@ -725,6 +759,8 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
             run_config=ray.tune.RunConfig(
                 name=spec.name, storage_path=storage_path, verbose=0, callbacks=callbacks,
                 stop=stopper, failure_config=ray.tune.FailureConfig(max_failures=0)))
+    if not restoring:
+        _save_grid(experiment, grid_ids)
     grid = None
     try:
         with _graceful_stop() as stopped:
