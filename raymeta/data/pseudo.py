@@ -46,8 +46,8 @@ def choose(posterior: np.ndarray, losses: np.ndarray,
     return np.sort(chosen), True
 
 
-def choose_meta_set(losses: torch.Tensor, labels: torch.Tensor, settings: PseudoMetaConfig, seed: int, epoch: int,
-                    rank: int) -> tuple[torch.Tensor, bool]:
+def choose_meta_set(losses: torch.Tensor, labels: torch.Tensor, settings: PseudoMetaConfig,
+                    seed: int, epoch: int, rank: int) -> tuple[torch.Tensor, bool]:
     """The training positions of this epoch's pseudo-clean meta set, the same on every
     data-parallel worker, and whether the fallback chose them. `losses` (each sample's training
     loss) and `labels` (its given label; < 0 where it has none, and none to trust) are the

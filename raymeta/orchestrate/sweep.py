@@ -588,18 +588,20 @@ GRID_FILE = "raymeta-grid.json"
 sweep file that has changed since does not restore the old grid"""
 
 
-def _grid_identity(cells: list[Cell], resources: ResourcesConfig) -> list[str]:
-    """The sweep as Tune would run it: its trials' ids (packs and chains included)."""
-    return [t["trial_id"] for t in _tune_trials(cells, resources)]
+def _grid_identity(cells: list[Cell], resources: ResourcesConfig) -> dict:
+    """What fixes the Tune trials of a sweep: its cells, in order, and how they are packed
+    and chained (without grouping them again: packing digests every cell)."""
+    return {"cells": [c.trial_id for c in cells], "seeds_per_trial": resources.seeds_per_trial,
+            "cells_per_trial": resources.cells_per_trial}
 
 
-def _save_grid(experiment: str, grid: list[str]) -> None:
+def _save_grid(experiment: str, grid: dict) -> None:
     fs, path = filesystem(store_join(experiment, GRID_FILE))
     fs.create_dir(path.rpartition("/")[0], recursive=True)
     write_bytes(fs, path, json.dumps(grid).encode())
 
 
-def _saved_grid(experiment: str) -> list[str] | None:
+def _saved_grid(experiment: str) -> dict | None:
     """The grid a sweep was started with (None: unknown, e.g. started by an older version)."""
     fs, path = filesystem(store_join(experiment, GRID_FILE))
     try:
