@@ -57,9 +57,14 @@ def cli() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads of this process [default: the CPUs it may use: "
                    "OMP_NUM_THREADS, else its affinity mask]")
+@click.option("--track", "trackers", multiple=True, type=click.Choice(["mlflow", "wandb"]),
+              help="also log the run to MLflow (at MLFLOW_TRACKING_URI, default "
+                   "sqlite:///mlflow.db) or W&B (project WANDB_PROJECT, default the --sweep "
+                   "name; WANDB_MODE=offline writes it locally); repeatable")
 def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: str | None,
         resume: bool, workers: int, gpus_per_worker: int, max_failures: int,
-        address: str | None, seeds: str | None, threads: int | None) -> None:
+        address: str | None, seeds: str | None, threads: int | None,
+        trackers: tuple[str, ...]) -> None:
     """Train one experiment: in this process (no Ray), or on --workers Ray Train workers."""
     from raymeta.config import ResourcesConfig, check_sweep_name, parse_experiment, set_dotted
     from raymeta.orchestrate.grid import absolutize, read_yaml
@@ -73,6 +78,7 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
     data = absolutize(data, Path(config).resolve().parent)
     cfg = parse_experiment(data, where=config)
     trial_id = cfg.trial_id()
+    tracking = _tracking(trackers, sweep_name, store)
     # torch and Ray load only once the config is known to be good: a refusal is instant
     if workers == 1:  # Ray sets the threads of its workers
         from raymeta.threads import use_threads
@@ -86,14 +92,18 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         if workers > 1:
             raise ConfigError("--seeds packs seeds into this one process; it does not combine "
                               "with --workers (use one or the other)")
-        _run_packed(cfg, _seed_list(seeds), store, sweep_name, out, resume)
+        with _tracked(tracking):
+            _run_packed(cfg, _seed_list(seeds), store, sweep_name, out, resume, tracking)
         return
     if workers > 1:
         resources = ResourcesConfig(workers_per_trial=workers, cpus_per_trial=workers,
                                     gpus_per_trial=gpus_per_worker * workers,
                                     max_failures=max_failures)
         preflight([cfg], store, resources, address, trial_id)
-        _run_distributed(cfg, trial_id, store, sweep_name, resources, address)
+        with _tracked(tracking):
+            _run_distributed(cfg, trial_id, store, sweep_name, resources, address)
+            if tracking is not None:  # Ray Train's workers report to it: logged from the rows
+                tracking.replay(trial_id)
         return
     folder = Path(out or Path("runs") / trial_id)
     resume_from = _resume_from(folder, resume, cfg.digest())
@@ -103,12 +113,44 @@ def run(config: str, sets: tuple[str, ...], store: str, sweep_name: str, out: st
         click.echo(f"epoch {metrics['epoch'] + 1:3d}/{cfg.train.epochs}  "
                    f"train_loss {metrics['train_loss']:.4f}  test_acc {metrics['test_acc']:.4f}  "
                    f"meta_acc {metrics['meta_acc']:.4f}  {metrics['ms_per_step']:.1f} ms/step")
+        if tracking is not None:
+            tracking.epoch(trial_id, cfg.model_dump(mode="json"), metrics)
 
-    with _resumable(folder):
+    with _resumable(folder), _tracked(tracking):
         row = run_trial(cfg, store=store, sweep=sweep_name, trial_id=trial_id,
                         on_epoch_end=progress, checkpoint_dir=folder, resume_from=resume_from)
     click.echo(f"{trial_id}: final test acc {row['final_test_acc']:.4f}, peak "
                f"{row['best_test_acc']:.4f}; rows written to {_shown(store)} (sweep '{sweep_name}')")
+
+
+def _tracking(trackers: tuple[str, ...], sweep_name: str, store: str):
+    """The trackers `raymeta run --track` logs to (checked before anything trains), or None."""
+    if not trackers:
+        return None
+    import os
+
+    from raymeta.config import TrackingConfig
+    from raymeta.results.store import resolve_store
+    from raymeta.tracking import Tracking, check_tracking
+
+    wandb_mode = os.environ.get("WANDB_MODE", "online")
+    settings = TrackingConfig.model_validate({
+        "mlflow": {"uri": os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")}
+        if "mlflow" in trackers else None,
+        "wandb": {"mode": "offline" if wandb_mode in ("offline", "dryrun") else "online",
+                  "project": os.environ.get("WANDB_PROJECT")} if "wandb" in trackers else None})
+    check_tracking(settings)
+    return Tracking(settings, sweep_name, resolve_store(store))
+
+
+@contextlib.contextmanager
+def _tracked(tracking):
+    """The tracked runs end with the run: as its rows say, or failed."""
+    try:
+        yield
+    finally:
+        if tracking is not None:
+            tracking.close()
 
 
 def _resume_from(folder: Path, resume: bool, digest: str) -> Path | None:
@@ -157,7 +199,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def _run_packed(cfg, seeds: list[int], store: str, sweep_name: str,
-                out: str | None, resume: bool) -> None:
+                out: str | None, resume: bool, tracking=None) -> None:
     """The seeds of one experiment, packed (raymeta.train.packed); a row per seed."""
     from raymeta.orchestrate.preflight import preflight
     from raymeta.orchestrate.trial import run_packed_trial
@@ -173,6 +215,9 @@ def _run_packed(cfg, seeds: list[int], store: str, sweep_name: str,
         accs = " ".join(f"{m['test_acc']:.4f}" for m in per_seed)
         click.echo(f"epoch {per_seed[0]['epoch'] + 1:3d}/{cfg.train.epochs}  test_acc per seed "
                    f"{accs}  {per_seed[0]['ms_per_step']:.1f} ms/step ({len(seeds)} seeds)")
+        if tracking is not None:
+            for trial_id, seed_cfg, metrics in zip(trial_ids, cfgs, per_seed):
+                tracking.epoch(trial_id, seed_cfg.model_dump(mode="json"), metrics)
 
     with _resumable(folder):
         rows = run_packed_trial(cfgs, trial_ids, store=store, sweep=sweep_name,
@@ -232,17 +277,36 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
     if store:
         spec = spec.model_copy(update={"store": store})
     cells = expand(spec, base_dir=Path.cwd())
-    k = spec.resources.seeds_per_trial
-    packing = ""
-    if k > 1:
-        from raymeta.orchestrate.grid import pack_cells
+    search_cells = None
+    if spec.search is not None:
+        from raymeta.orchestrate.search import plan
 
-        packing = f", packed into {len(pack_cells(cells, k))} processes of up to {k} seeds"
-    click.echo(f"sweep '{spec.name}': {len(cells)} trials{packing} -> {_shown(spec.store)}")
-    if dry_run:
-        for cell in cells:
-            click.echo(f"  {cell.trial_id}  {cell.overrides}")
-        return
+        search_cells = plan(spec, cells)
+        search = spec.search
+        seeds = search.confirm_seeds or "the searched seeds"
+        click.echo(f"sweep '{spec.name}': {search.algorithm} search of {search.num_samples} "
+                   f"samples in each of {len(search_cells)} cells (chosen on {search.metric}, "
+                   f"{search.at} epoch; each sample trains {len(cells) // len(search_cells)} "
+                   f"seed(s)), then the chosen configuration on seeds {seeds} -> "
+                   f"{_shown(spec.store)}")
+        if dry_run:
+            for key, dist in search.space.items():
+                click.echo(f"  search {key}: {dist}")
+            for scell in search_cells:
+                click.echo(f"  {scell.cell_id}  {scell.label}")
+            return
+    else:
+        k = spec.resources.seeds_per_trial
+        packing = ""
+        if k > 1:
+            from raymeta.orchestrate.grid import pack_cells
+
+            packing = f", packed into {len(pack_cells(cells, k))} processes of up to {k} seeds"
+        click.echo(f"sweep '{spec.name}': {len(cells)} trials{packing} -> {_shown(spec.store)}")
+        if dry_run:
+            for cell in cells:
+                click.echo(f"  {cell.trial_id}  {cell.overrides}")
+            return
     import polars as pl
 
     from raymeta.orchestrate.owner import check_owner
@@ -252,16 +316,31 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
     from raymeta.results.store import resolve_store
 
     check_owner(spec, sweep_file)  # before Ray starts: another driver may hold this sweep
+    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+        from raymeta.tracking import check_tracking
+
+        check_tracking(spec.tracking)
     preflight([c.config for c in cells], spec.store, spec.resources, address, f"sweep '{spec.name}'")
     started = time.monotonic()
-    storage_error, unwritten = None, set()
+    storage_error, unwritten, confirm = None, set(), None
     try:
         outcome = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun,
-                            source=sweep_file)
+                            source=sweep_file, search_cells=search_cells)
         interrupted = outcome.interrupted
         storage_error, unwritten = outcome.storage_error, {u[1] for u in outcome.unwritten}
+        if outcome.cells is not None:  # a search: its results are the confirmation runs
+            cells = confirm = outcome.cells
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
         interrupted = True
+    again = f"raymeta sweep {sweep_file} --resume{'' if store is None else ' --store ' + _shown(store)}"
+    if spec.search is not None and not confirm:
+        if interrupted:
+            click.echo(f"interrupted during the search; finished samples keep their rows; "
+                       f"continue with: {again}", err=True)
+            sys.exit(130)
+        click.echo(f"error: no sample of the search finished; see `raymeta results failed "
+                   f"--sweep {spec.name}.search`", err=True)
+        sys.exit(1)
     seconds = time.monotonic() - started
     # what the store holds for this sweep's cells is the truth, not what this run saw
     try:
@@ -278,7 +357,6 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
             counts["failed"] += 1
     ran = sum(counts.values())
     told = ", ".join(f"{n} {s}" for s, n in counts.items() if n or s in ("completed", "failed"))
-    again = f"raymeta sweep {sweep_file} --resume{'' if store is None else ' --store ' + _shown(store)}"
     if storage_error:
         click.echo(f"error: the sweep stopped after {seconds:.0f}s: the results store "
                    f"{_shown(resolve_store(spec.store))} refuses writes ({storage_error}); "
@@ -325,6 +403,14 @@ def validate(paths: tuple[str, ...], address: str | None) -> None:
             if isinstance(data, dict) and ("grid" in data or "base" in data):
                 spec = parse_sweep(data, where=path)
                 cells = expand(spec, base_dir=Path.cwd())
+                if spec.search is not None:
+                    from raymeta.orchestrate.search import plan
+
+                    plan(spec, cells)
+                if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+                    from raymeta.tracking import check_tracking
+
+                    check_tracking(spec.tracking)
                 _preflight([c.config for c in cells], spec.store, spec.resources, address,
                            f"sweep '{spec.name}'")
                 click.echo(f"{path}: ok, sweep with {len(cells)} trials")
@@ -441,8 +527,21 @@ def curves(sweep_name: str | None, store: str, trial_ids: tuple[str, ...], metri
     click.echo(query.render(table, fmt))
 
 
+@results.command("search")
+@click.option("--sweep", "sweep_name", required=True, help="the sweep that searched")
+@_store_option
+@_format_option
+def search_results(sweep_name: str, store: str, fmt: str) -> None:
+    """Per grid cell: the configuration the search chose (on the meta set), its score, the
+    samples tried, and the test accuracy of its confirmation runs (mean ± std over seeds)."""
+    from raymeta.results import query
+    from raymeta.results.search import report
+
+    click.echo(query.render(report(store, sweep_name), fmt))
+
+
 @results.command()
-@click.argument("kind", type=click.Choice(["noise", "ablation", "curves"]))
+@click.argument("kind", type=click.Choice(["noise", "ablation", "curves", "search"]))
 @click.argument("key", required=False)
 @_sweep_option
 @_store_option
@@ -454,11 +553,20 @@ def curves(sweep_name: str | None, store: str, trial_ids: tuple[str, ...], metri
 def plot(kind: str, key: str | None, sweep_name: str | None, store: str, metric: str,
          out: str | None) -> None:
     """Write a PNG: accuracy vs noise rate (noise), vs a config KEY (ablation KEY), or
-    per-epoch curves (curves); mean ± std over seeds, one line per method."""
+    per-epoch curves (curves); mean ± std over seeds, one line per method. `search`: a
+    search's meta-set score against each searched key, and all keys at once (parallel
+    coordinates), one colour per grid cell."""
     from raymeta.results import plots, query
 
     named = "" if metric == "final" else f"-{metric}"  # each metric its own file
     out = out or f"plots/{sweep_name or 'all'}-{kind}{'-' + key if key else ''}{named}.png"
+    if kind == "search":
+        if not sweep_name:
+            raise click.UsageError("plot search needs --sweep NAME (the sweep that searched)")
+        from raymeta.results.search import sample_scores
+
+        click.echo(f"wrote {plots.search(sample_scores(store, sweep_name), out)}")
+        return
     if kind == "curves":
         metric = "test_acc" if metric == "final" else metric
         table = query.curves(store, sweep=sweep_name, metrics=[metric],

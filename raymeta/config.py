@@ -975,6 +975,137 @@ class EarlyStoppingConfig(_Config):
         return self
 
 
+def _suggest(word: str, choices) -> str:
+    """" (did you mean 'x'?)" for a near miss among `choices`, else ""."""
+    hint = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean '{hint[0]}'?)" if hint else ""
+
+
+DISTRIBUTIONS = {"uniform": "[low, high]", "loguniform": "[low, high], both > 0",
+                 "randint": "[low, high], whole numbers, both included", "choice": "[value, ...]"}
+"""the search distributions a sweep file's `search.space` takes, with the form of each"""
+
+SEARCH_METRICS = ("meta_acc", "meta_loss")
+"""what a search chooses on: the clean meta set's accuracy (larger is better) or loss"""
+
+
+def check_distribution(key: str, spec: Any) -> tuple[str, list]:
+    """(kind, arguments) of one `search.space` entry, or ValueError saying what is wrong."""
+    forms = "; ".join(f"{{{k}: {v}}}" for k, v in DISTRIBUTIONS.items())
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"{key}: {spec!r} is not a distribution; give one of {forms}")
+    (kind, args), = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"{key}: unknown distribution {kind!r}"
+                         f"{_suggest(str(kind), DISTRIBUTIONS)}; give one of {forms}")
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{key}: choice takes a non-empty list of values, got "
+                             f"{args!r}")
+        texts = [json.dumps(a, sort_keys=True, default=str) for a in args]
+        if len(set(texts)) < len(texts):
+            raise ValueError(f"{key}: choice {args!r} repeats a value; list each once")
+        return kind, args
+    numbers = isinstance(args, list) and len(args) == 2 and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in args)
+    if not numbers:
+        raise ValueError(f"{key}: {kind} takes {DISTRIBUTIONS[kind]}, got {args!r}")
+    low, high = args
+    if not low < high:
+        raise ValueError(f"{key}: {kind} {args!r} needs low < high")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"{key}: loguniform {args!r} needs low > 0 (its logarithm "
+                         f"is sampled uniformly); use uniform for a range that starts at 0")
+    if kind == "randint" and not all(float(a).is_integer() for a in args):
+        raise ValueError(f"{key}: randint takes whole numbers, got {args!r}")
+    return kind, [int(a) for a in args] if kind == "randint" else [float(a) for a in args]
+
+
+class SearchConfig(_Config):
+    """A hyperparameter search inside each cell of the grid, chosen on the clean meta set
+    (never on the test set); the chosen configuration is then trained on `confirm_seeds`,
+    whose rows are the sweep's results (docs/search.md)."""
+
+    space: dict[str, dict[str, Any]]
+    """dotted key -> distribution: {uniform: [low, high]}, {loguniform: [low, high]},
+    {randint: [low, high]} (both included) or {choice: [value, ...]}"""
+    algorithm: Literal["optuna", "random"] = "optuna"
+    """optuna (Optuna's TPE sampler, through Ray Tune) or random (no extra dependency)"""
+    num_samples: int = Field(8, ge=1)
+    """configurations tried per grid cell"""
+    metric: str = "meta_acc"
+    """what the search maximises (meta_acc) or minimises (meta_loss), on the clean meta set"""
+    at: Literal["last", "best"] = "last"
+    """the metric at the last epoch, or its best over the epochs"""
+    confirm_seeds: list[int] | None = None
+    """seeds the chosen configuration trains on afterwards, as the sweep's result rows (default:
+    the seeds it was searched on, whose runs are copied, not trained again)"""
+    seed: int = 0
+    """the search algorithm's own seed: the same sweep file proposes the same configurations"""
+
+    @field_validator("metric")
+    @classmethod
+    def _meta_metric(cls, metric: str) -> str:
+        if metric.startswith("test_"):
+            raise ValueError(f"{metric} is a test-set metric: choosing a configuration on the test "
+                             f"set makes its test accuracy a biased estimate; choose on "
+                             f"{' or '.join(SEARCH_METRICS)} (the clean meta set)")
+        if metric not in SEARCH_METRICS:
+            raise ValueError(f"unknown search metric {metric!r}{_suggest(metric, SEARCH_METRICS)}; "
+                             f"choose {' or '.join(SEARCH_METRICS)}")
+        return metric
+
+    @field_validator("space")
+    @classmethod
+    def _distributions(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not space:
+            raise ValueError("search.space is empty: give at least one dotted key and its "
+                             "distribution, e.g. method.meta_lr: {loguniform: [1.0e-4, 1.0e-1]}")
+        for key, spec in space.items():
+            if key == "seed":
+                raise ValueError("seed: the seed is not a hyperparameter; list seeds "
+                                 "in the grid (searched together) or in search.confirm_seeds")
+            check_distribution(key, spec)
+        return space
+
+    @field_validator("confirm_seeds")
+    @classmethod
+    def _seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is not None and (not seeds or len(set(seeds)) < len(seeds)):
+            raise ValueError(f"search.confirm_seeds {seeds!r}: give one or more distinct seeds")
+        return seeds
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return "max" if self.metric.endswith("_acc") else "min"
+
+
+class MlflowTracking(_Config):
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: sqlite:///file.db, a local folder, or http(s)://server"""
+    experiment: str | None = None
+    """MLflow experiment name (default: the sweep's name)"""
+
+
+class WandbTracking(_Config):
+    project: str | None = None
+    """W&B project (default: the sweep's name)"""
+    entity: str | None = None
+    """W&B entity (team or user; default: yours)"""
+    mode: Literal["online", "offline"] = "online"
+    """offline writes runs under `dir` to upload later with `wandb sync`"""
+    dir: str | None = None
+    """where W&B writes its run folders (default: ./wandb)"""
+
+
+class TrackingConfig(_Config):
+    """Experiment trackers every trial is logged to, besides the Parquet store (which stays the
+    source of truth): config, per-epoch metrics, final outcomes (docs/tracking.md)."""
+
+    mlflow: MlflowTracking | None = None
+    wandb: WandbTracking | None = None
+
+
 SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 """a sweep name is one folder name of the store (`sweep=<name>`): no '/', never '..'"""
 
@@ -1004,9 +1135,20 @@ class SweepSpec(_Config):
     """cells to skip: each entry maps dotted keys to values; a cell matching all is skipped"""
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    search: SearchConfig | None = None
+    """a search over hyperparameters inside each grid cell (docs/search.md)"""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow and W&B tracking of every trial (docs/tracking.md)"""
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
+        if self.search is not None:
+            if clash := sorted(set(self.search.space) & set(self.grid)):
+                raise ValueError(f"{', '.join(clash)} is both a grid key and searched "
+                                 f"(search.space); a key is either listed or searched")
+            if self.resources.cells_per_trial > 1:
+                raise ValueError("search does not combine with resources.cells_per_trial > 1: "
+                                 "each sample is one Tune trial")
         if self.resources.seeds_per_trial > 1 and self.early_stopping.scheduler != "none":
             raise ValueError("early_stopping does not combine with resources.seeds_per_trial > 1 "
                              "(it would stop every seed of a pack on their mean); use one or the "

@@ -16,7 +16,6 @@ training metric per epoch; a stopped trial's rows are written from its last chec
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -41,8 +40,9 @@ from raymeta.orchestrate.owner import own_sweep
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
 from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row, write_failed_rows
 from raymeta.results.store import (FINISHED, completed_digest, completed_digests, display_store,
-                                   filesystem, record_unwritten, redact, resolve_store, storage_error,
-                                   store_join, table_dir, write_bytes, write_trial)
+                                   filesystem, read_json, record_unwritten, redact, resolve_store,
+                                   storage_error, store_join, table_dir, write_bytes, write_json,
+                                   write_trial)
 from raymeta.threads import use_threads
 from raymeta.train.packed import pack_digest
 from raymeta.train.checkpoint import CHECKPOINT_FILE, check_checkpoint, load_state_bytes
@@ -159,10 +159,13 @@ class _RowWriter:
 
 
 def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None = None,
-                write: Callable | None = None, started: Callable | None = None) -> bool:
+                write: Callable | None = None, started: Callable | None = None,
+                on_report: Callable[[dict], dict | None] | None = None) -> bool:
     """Train one cell or pack of seeds; False when its finished rows were already in the store
     (`finished`: their digests, when the caller has looked them up already). `write`: how a
-    single cell's finished rows are written (`run_trial`'s); `started`: called once it trains."""
+    single cell's finished rows are written (`run_trial`'s); `started`: called once it trains;
+    `on_report`: gives what Tune is told of each epoch's metrics (None: nothing). Columns in
+    `config["row_extra"]` are added to the rows."""
     import ray
     import ray.tune
 
@@ -183,7 +186,8 @@ def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None
         fit_distributed(cfgs[0], resources, store=config["store"], sweep=config["sweep"],
                         trial_id=trial_ids[0], callbacks=[TuneReportCallback()],
                         driver_cpus=DRIVER_CPUS,
-                        extra={"tune_trial_id": ray.tune.get_context().get_trial_id()})
+                        extra={**config.get("row_extra", {}),
+                               "tune_trial_id": ray.tune.get_context().get_trial_id()})
         return True
     use_threads(cap=resources.cpus_per_trial)  # Ray's OMP_NUM_THREADS, less what is busy
     checkpoint = TrialCheckpoint(config["store"], config["sweep"], cell["trial_id"])
@@ -193,14 +197,20 @@ def _train_cell(config: dict, cell: dict, finished: dict[str, str | None] | None
         if isinstance(metrics, list):  # packed seeds: Tune sees the mean of their metrics
             numeric = [k for k, v in metrics[0].items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            per_seed = dict(zip(trial_ids, metrics))  # each seed's run, for trackers
             metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in numeric}
+            metrics["per_seed"] = per_seed
+        else:
+            metrics = {**metrics, "cell": cell["trial_id"]}  # which cell of a chain, for trackers
         checkpoint.push()
+        if on_report is not None and (metrics := on_report(metrics)) is None:
+            return
         ray.tune.report(metrics)
 
     # a local store is written in place; an object store's checkpoint goes through a local copy
     with nullcontext() if checkpoint.in_place else tempfile.TemporaryDirectory() as scratch:
         folder = checkpoint.folder(scratch)
-        extra = {"tune_trial_id": ray.tune.get_context().get_trial_id(),
+        extra = {**config.get("row_extra", {}), "tune_trial_id": ray.tune.get_context().get_trial_id(),
                  "ray_node_id": ray.get_runtime_context().get_node_id()}
         try:
             resume_from = None if config.get("rerun") else checkpoint.fetch(scratch, digest)
@@ -370,15 +380,18 @@ def _progress_callback(total: int, early_stopping: bool):
     return Progress()
 
 
-def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig):
+def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig,
+                           cell_of: Callable | None = None, extra: dict | None = None):
     """Early stopping ends a trial between two epochs, inside Tune: its own code never gets
     to write rows. This driver-side callback writes them from the trial's last checkpoint,
-    with status `stopped` (summaries count completed trials only)."""
+    with status `stopped` (summaries count completed trials only). `cell_of(trial)`: the
+    trial's cell, {trial_id, experiment} (default: a sweep's, in its config); `extra`: columns
+    its row adds."""
     import ray.tune
 
     class StoppedRows(ray.tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
-            cell = trial.config["cell"]
+            cell = cell_of(trial) if cell_of is not None else trial.config["cell"]
             cfg = ExperimentConfig.model_validate(cell["experiment"])
             if completed_digest(store, sweep, cell["trial_id"]) == cfg.digest():
                 return  # it ran to the end and wrote its rows
@@ -386,7 +399,7 @@ def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig):
             if state is None:
                 return
             curves = state["curves"]
-            row = {**trial_row(cfg, sweep, {"tune_trial_id": trial.trial_id}),
+            row = {**trial_row(cfg, sweep, {**(extra or {}), "tune_trial_id": trial.trial_id}),
                    **curve_outcome(curves), "status": "stopped",
                    "error": f"stopped early (ASHA) after epoch {len(curves) - 1}",
                    "train_seconds": state["train_seconds"], "restarts": state.get("restarts", 0),
@@ -581,6 +594,8 @@ class SweepRun:
     """the store refused a write for good (disk full, quota, permissions): the sweep stopped"""
     unwritten: list[tuple[str, str, str]] = field(default_factory=list)
     """(sweep, trial id, error) of failed trials whose row is not in the store"""
+    cells: list[Cell] | None = None
+    """the cells that ran, where they are not the grid's (a search's confirmation runs)"""
 
 
 GRID_FILE = "raymeta-grid.json"
@@ -596,19 +611,12 @@ def _grid_identity(cells: list[Cell], resources: ResourcesConfig) -> dict:
 
 
 def _save_grid(experiment: str, grid: dict) -> None:
-    fs, path = filesystem(store_join(experiment, GRID_FILE))
-    fs.create_dir(path.rpartition("/")[0], recursive=True)
-    write_bytes(fs, path, json.dumps(grid).encode())
+    write_json(store_join(experiment, GRID_FILE), grid)
 
 
 def _saved_grid(experiment: str) -> dict | None:
     """The grid a sweep was started with (None: unknown, e.g. started by an older version)."""
-    fs, path = filesystem(store_join(experiment, GRID_FILE))
-    try:
-        with fs.open_input_stream(path) as stream:
-            return json.loads(stream.read())
-    except (OSError, ValueError):
-        return None
+    return read_json(store_join(experiment, GRID_FILE))
 
 
 def finished_digests(store: str, sweep: str) -> set[str]:
@@ -681,13 +689,26 @@ def _quiet_tune_results():
 
 
 def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
-              resume: bool = False, rerun: bool = False, source: str | None = None) -> SweepRun:
+              resume: bool = False, rerun: bool = False, source: str | None = None,
+              search_cells: list | None = None) -> SweepRun:
     """Run the cells with Ray Tune. Cells whose finished rows (with the same config) are
     already in the store are skipped unless `rerun`. While it runs, the sweep is this
     driver's (`raymeta.orchestrate.owner`): another driver of the same name is refused.
-    `source`: the sweep file, named to a driver that is refused."""
+    `source`: the sweep file, named to a driver that is refused. A sweep with a search runs
+    it first (`search_cells`: `raymeta.orchestrate.search.plan`'s), then the chosen
+    configurations' confirmation runs as its cells."""
     with own_sweep(spec, source):
-        return _run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
+        if spec.search is None:
+            return _run_sweep(spec, cells, address=address, resume=resume, rerun=rerun)
+        from raymeta.orchestrate.search import plan, run_search
+
+        found = run_search(spec, search_cells or plan(spec, cells), address=address,
+                           resume=resume, rerun=rerun)
+        if found.interrupted or not found.confirm:
+            return SweepRun(0, found.interrupted, cells=found.confirm)
+        outcome = _run_sweep(spec, found.confirm, address=address, resume=resume, rerun=rerun)
+        outcome.cells = found.confirm
+        return outcome
 
 
 def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resume: bool,
@@ -740,6 +761,10 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
                                   grace_period=stopping.grace_period,
                                   reduction_factor=stopping.reduction_factor)
         callbacks.append(_stopped_rows_callback(store, spec.name, spec.resources))
+    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+        from raymeta.tracking import tune_callback
+
+        callbacks.append(tune_callback(spec.tracking, spec.name, store))  # after the rows' writers
     if restoring:
         with _quiet_tune_results():
             tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,

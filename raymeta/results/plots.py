@@ -147,3 +147,72 @@ def _save(fig, out: str | Path, plt) -> Path:
     fig.savefig(out, dpi=120, bbox_inches="tight")  # keeps the legend beside the panels
     plt.close(fig)
     return out
+
+
+def search(samples: pl.DataFrame, out: str | Path) -> Path:
+    """A search's meta-set score against each searched key (log scale where the values span
+    over a decade), then all keys at once (parallel coordinates: each sample a line, its
+    colour its score); one colour per grid cell in the score panels, the chosen sample ringed.
+    `samples` is results.search.sample_scores(...)."""
+    import json
+
+    import numpy as np
+
+    from raymeta.results.search import chosen, searched_keys
+
+    keys = searched_keys(samples)
+    metric, at = samples["metric"][0], samples["at"][0]
+    best = set(chosen(samples)["setting"].to_list())
+    values = {k: [json.loads(v) for v in samples[k]] for k in keys}
+    numeric = {k: all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vs)
+               for k, vs in values.items()}
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4.5 * (len(keys) + 1), 3.8), squeeze=False)
+    axes = list(axes.ravel())
+    cells = samples["search_label"].unique(maintain_order=True).to_list()
+    score = samples["score"].to_numpy()
+    for ax, key in zip(axes, keys):
+        xs = values[key] if numeric[key] else [json.dumps(v) for v in values[key]]
+        for cell in cells:
+            rows = [i for i, c in enumerate(samples["search_label"]) if c == cell]
+            label = ", ".join(f"{k}={v}" for k, v in json.loads(cell).items()) or "(all)"
+            ax.scatter([xs[i] for i in rows], score[rows], label=label, alpha=0.8)
+            ringed = [i for i in rows if samples["setting"][i] in best]
+            ax.scatter([xs[i] for i in ringed], score[ringed], s=160, facecolors="none",
+                       edgecolors="black")
+        positive = numeric[key] and min(xs) > 0
+        if positive and max(xs) / min(xs) > 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{metric} ({at} epoch)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", title="cell (ringed: chosen)")
+    # parallel coordinates: every key scaled to [0, 1] (log where a range spans decades)
+    ax = axes[-1]
+    columns = []
+    for key in keys:
+        if numeric[key]:
+            col = np.asarray(values[key], dtype=float)
+            if col.min() > 0 and col.max() / col.min() > 10:
+                col = np.log10(col)
+        else:
+            names = sorted({json.dumps(v) for v in values[key]})
+            col = np.asarray([names.index(json.dumps(v)) for v in values[key]], dtype=float)
+        span = col.max() - col.min()
+        columns.append((col - col.min()) / span if span else np.full_like(col, 0.5))
+    # each cell's scores scaled on their own: cells differ more than their samples do
+    labels = samples["search_label"].to_numpy()
+    within = np.zeros_like(score)
+    for cell in cells:
+        part = labels == cell
+        within[part] = (score[part] - score[part].min()) / (np.ptp(score[part]) or 1.0)
+    columns.append(within)
+    lines = np.stack(columns, axis=1)
+    # brighter is better: a loss is mapped the other way round
+    colours = plt.get_cmap("viridis_r" if metric.endswith("_loss") else "viridis")(within)
+    for line, colour in zip(lines, colours):
+        ax.plot(range(len(keys) + 1), line, color=colour, alpha=0.7)
+    ax.set_xticks(range(len(keys) + 1), [*keys, metric], rotation=20)
+    ax.set_yticks([])
+    ax.set_title("all samples (scaled per key; score per cell; brighter: better)", fontsize="small")
+    return _save(fig, out, plt)

@@ -236,6 +236,34 @@ def write_trial(store: str, sweep: str, trial_id: str, row: dict, curves: list[d
     write_rows(store, "trials", sweep, trial_id, [{"trial_id": trial_id, **row}])
 
 
+def write_json(path: str, data: Any) -> None:
+    """A small JSON file at a store path (a folder or an object store), its folder made."""
+    fs, where = filesystem(path)
+    fs.create_dir(where.rpartition("/")[0], recursive=True)
+    write_bytes(fs, where, json.dumps(data).encode())
+
+
+def read_json(path: str) -> Any:
+    """The JSON file at a store path; None when it is missing or not JSON."""
+    fs, where = filesystem(path)
+    try:
+        with fs.open_input_stream(where) as stream:
+            return json.loads(stream.read())
+    except (OSError, ValueError):
+        return None
+
+
+def read_run(store: str, table: str, sweep: str, trial_id: str) -> list[dict]:
+    """One trial's rows of `table` (its trial row, or its curves); none when it has no file
+    or the file cannot be read."""
+    fs, _ = filesystem(store)
+    try:
+        return pq.read_table(f"{table_dir(store, table, sweep)}/{trial_id}.parquet",
+                             filesystem=fs).to_pylist()
+    except (OSError, ValueError, pa.ArrowInvalid):
+        return []
+
+
 def completed_digest(store: str, sweep: str, trial_id: str) -> str | None:
     """The config digest of a trial's finished row (completed or collapsed), or None (no row,
     failed, unreadable)."""

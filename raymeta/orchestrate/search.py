@@ -1,0 +1,421 @@
+"""A sweep file's `search:`: inside each grid cell, Ray Tune's search algorithm (Optuna, or
+random) proposes values for the searched keys; each sample trains the cell's seeds and is
+scored on the clean meta set; the best sample's configuration is then trained on the
+confirmation seeds, whose rows are the sweep's results.
+
+Tune sees the searched keys as its own parameter axes (one Tune domain per dotted key, the
+cell's config passed with `tune.with_parameters`), so `ResultGrid.get_dataframe()` and Tune's
+analysis show them. Each cell's search is one Tune experiment, `<store>/tune/<sweep>.search/
+<cell>`; the samples' rows go to the sweep `<name>.search` (raymeta.results.search), the
+confirmation runs are ordinary cells of the sweep (raymeta.orchestrate.sweep).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from raymeta import plugins
+from raymeta.config import (ExperimentConfig, SearchConfig, SweepSpec, check_distribution,
+                            parse_experiment, set_dotted)
+from raymeta.errors import ConfigError
+from raymeta.orchestrate.grid import Cell
+from raymeta.results.search import SAMPLES, samples_sweep, trial_score
+from raymeta.results.store import (FINISHED, display_store, read_json, read_run, resolve_store,
+                                   store_join, write_json, write_trial)
+
+SCORE = "search_score"
+"""what each sample reports to Tune: the search metric, at the last epoch or the best so far"""
+DONE_FILE = "raymeta-search-done.json"
+"""beside a cell's Tune experiment once all its samples ran: the search settings it ran with"""
+
+
+@dataclass(frozen=True)
+class SearchCell:
+    """A cell of the grid without its seed: the seeds are searched together."""
+    cell_id: str
+    """the first seed's trial id: names the cell's Tune experiment and its sample rows"""
+    label: dict[str, Any]
+    """the grid values that define the cell (the seed left out)"""
+    seeds: tuple[Cell, ...]
+
+
+def plan(spec: SweepSpec, cells: list[Cell]) -> list[SearchCell]:
+    """The cells to search, in grid order, after checking that every searched key, at the ends
+    of its range and at each choice, gives a valid run that reads it (all problems at once)."""
+    search = spec.search
+    assert search is not None
+    if spec.name.endswith(SAMPLES):
+        raise ConfigError(f"sweep name {spec.name!r} ends in {SAMPLES!r}, the suffix of search "
+                          f"samples' partition; choose another name")
+    if search.algorithm == "optuna" and importlib.util.find_spec("optuna") is None:
+        raise ConfigError("search.algorithm optuna needs Optuna: pip install 'raymeta[search]' "
+                          "(or optuna); or use algorithm: random")
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.config.model_copy(update={"seed": 0}).digest(), []).append(cell)
+    problems: dict[str, list[str]] = {}
+    for key, spec_ in search.space.items():
+        kind, args = check_distribution(key, spec_)
+        values = args  # both ends of a range, or each choice
+        if (search.algorithm == "optuna" and kind == "choice"
+                and any(isinstance(v, (dict, list)) for v in values)):
+            problems.setdefault(f"search.space.{key}: Optuna's choices must be numbers, strings, "
+                                f"booleans or null, not {values!r}; search the keys inside "
+                                f"instead (e.g. method.meta_lr), or use algorithm: random", [])
+            continue
+        for seeds in groups.values():
+            first = seeds[0]
+            for value in values:
+                data = first.config.model_dump(mode="json")
+                set_dotted(data, key, value)
+                label = _label(first)
+                try:
+                    cfg = parse_experiment(data, where=f"cell {label} with {key}={value!r}",
+                                           unread_ok=True)
+                except ConfigError as err:
+                    problems.setdefault(str(err), []).append(str(label))
+                    continue
+                if key in cfg.unread():
+                    problems.setdefault(f"search.space.{key}: {cfg.unread()[key]}; search it only in "
+                                        f"cells whose method reads it (exclude the others)",
+                                        []).append(str(label))
+    if spec.early_stopping.scheduler != "none" and any(len(s) > 1 for s in groups.values()):
+        problems.setdefault("early_stopping does not combine with searching several seeds "
+                            "together (it would stop a sample on the mean of its seeds); search "
+                            "on one seed and list the others in search.confirm_seeds", [])
+    if problems:
+        lines = [text + (f" (cells {', '.join(where[:3])}{' ...' if len(where) > 3 else ''})"
+                         if any(w != "{}" for w in where) and "cell " not in text else "")
+                 for text, where in problems.items()]
+        raise ConfigError(f"sweep '{spec.name}': the search cannot run:\n" + "\n".join(lines[:8]))
+    return [SearchCell(seeds[0].trial_id, _label(seeds[0]), tuple(seeds)) for seeds in groups.values()]
+
+
+def _label(cell: Cell) -> dict[str, Any]:
+    return {k: v for k, v in cell.overrides.items() if k != "seed"}
+
+
+def confirmation_cells(search: SearchConfig, scell: SearchCell, chosen: ExperimentConfig,
+                       params: dict[str, Any]) -> list[Cell]:
+    """The chosen configuration on the confirmation seeds (default: the searched ones)."""
+    seeds = search.confirm_seeds or [c.config.seed for c in scell.seeds]
+    cells = []
+    for seed in seeds:
+        cfg = parse_experiment({**chosen.model_dump(mode="json"), "seed": seed}, unread_ok=True)
+        cells.append(Cell(cfg.trial_id(), cfg, {**scell.label, **params, "seed": seed}))
+    return cells
+
+
+def _domain(kind: str, args: list):
+    from ray import tune
+
+    if kind == "choice":
+        return tune.choice(args)
+    if kind == "randint":
+        return tune.randint(args[0], args[1] + 1)  # Tune's upper end is excluded
+    return {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*args)
+
+
+class _Score:
+    """The running search score of one sample: its metric now, or the best so far."""
+
+    def __init__(self, search: dict):
+        self.metric, self.at = search["metric"], search["at"]
+        self.larger = search["metric"].endswith("_acc")
+        self.best: float | None = None
+
+    def __call__(self, metrics: dict) -> dict:
+        value = float(metrics[self.metric])
+        if self.at == "best" and self.best is not None:
+            value = max(value, self.best) if self.larger else min(value, self.best)
+        self.best = value
+        return {**metrics, SCORE: value}
+
+
+def _search_trial(params: dict, setup: dict) -> None:
+    """One sample: the cell's seeds with the proposed values, trained (packed when the sweep
+    packs seeds and the method packs) or one after another, each seed's rows in the samples'
+    partition. Tune is told the score each epoch; when the seeds train one after another, or
+    their rows were in the store already, once at the end."""
+    import ray.tune
+
+    from raymeta.orchestrate.sweep import _train_cell
+
+    plugins.restore(setup["plugins"])
+    cells = []
+    for data in setup["seeds"]:
+        data = copy.deepcopy(data)
+        for key, value in params.items():
+            set_dotted(data, key, value)
+        cfg = ExperimentConfig.model_validate(data)
+        cells.append({"trial_id": cfg.trial_id(), "experiment": cfg.model_dump(mode="json")})
+    config = {key: setup[key] for key in ("store", "sweep", "resources", "rerun")}
+    config["row_extra"] = setup["row_extra"]
+    live = len(cells) == 1 or setup["pack"]
+    if len(cells) > 1 and setup["pack"]:
+        cell = {**cells[0], "trial_id": f"{cells[0]['trial_id']}-pack{len(cells)}", "pack": cells}
+        trained = _train_cell(config, cell, on_report=_Score(setup["search"]))
+    elif live:
+        trained = _train_cell(config, cells[0], on_report=_Score(setup["search"]))
+    else:
+        trained = False
+        for cell in cells:
+            trained |= _train_cell(config, cell, on_report=lambda metrics: None)
+    if not (live and trained):  # Tune has no score of this sample yet
+        ray.tune.report({SCORE: stored_score(setup["store"], setup["sweep"],
+                                             [c["trial_id"] for c in cells], setup["search"]),
+                         "epoch": cells[0]["experiment"]["train"]["epochs"] - 1})
+
+
+def stored_score(store: str, sweep: str, trial_ids: list[str], search: dict) -> float:
+    """A sample's score from its seeds' curves in the store (their mean)."""
+    import polars as pl
+
+    scores = [trial_score(pl.DataFrame(read_run(store, "curves", sweep, trial_id)),
+                          search["metric"], search["at"]) for trial_id in trial_ids]
+    return sum(scores) / len(scores)
+
+
+def _settings(search: SearchConfig) -> dict:
+    """What a finished cell's search ran with: another setting searches the cell again."""
+    return json.loads(search.model_dump_json(exclude={"confirm_seeds"}))
+
+
+def _search_cell(spec: SweepSpec, scell: SearchCell, *, store: str, resume: bool, rerun: bool,
+                 number: str) -> bool:
+    """Run one cell's search (or restore it); True when every sample ran."""
+    import ray.tune
+
+    from raymeta.orchestrate.sweep import _graceful_stop, max_concurrent, _quiet_tune_results
+    from raymeta.methods.packed import packing_problem
+
+    search = spec.search
+    experiment = store_join(store, "tune", samples_sweep(spec.name), scell.cell_id)
+    if not rerun and read_json(store_join(experiment, DONE_FILE)) == _settings(search):
+        print(f"search {number} {scell.label}: searched already ({search.num_samples} samples)",
+              flush=True)
+        return True
+    pack = (len(scell.seeds) > 1 and spec.resources.seeds_per_trial >= len(scell.seeds)
+            and packing_problem(scell.seeds[0].config) is None)
+    setup = {"store": store, "sweep": samples_sweep(spec.name), "rerun": rerun, "pack": pack,
+             "resources": spec.resources.model_dump(mode="json"), "plugins": plugins.resolved(),
+             "seeds": [c.config.model_dump(mode="json") for c in scell.seeds],
+             "search": {"metric": search.metric, "at": search.at},
+             "row_extra": {"search_cell": scell.cell_id, "search_label": json.dumps(scell.label),
+                           "search_keys": json.dumps(list(search.space)),
+                           "search_metric": search.metric, "search_at": search.at}}
+    if spec.resources.workers_per_trial > 1:
+        from raymeta.orchestrate.sweep import DRIVER_CPUS
+
+        resources = {"cpu": DRIVER_CPUS}
+    else:
+        resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_search_trial, setup=setup),
+                                        resources)
+    callbacks = [_progress(number, scell, search)]
+    if spec.early_stopping.scheduler != "none":  # rows of the samples it stops
+        from raymeta.orchestrate.sweep import _stopped_rows_callback
+
+        callbacks.append(_stopped_rows_callback(
+            store, samples_sweep(spec.name), spec.resources, extra=setup["row_extra"],
+            cell_of=_SampleCells([c.config.model_dump(mode="json") for c in scell.seeds]).only))
+    callbacks += _trackers(spec, scell)
+    # a resumed sample continues from its checkpoint while Tune counts its reports from 1
+    # again: Optuna ignores the repeated steps (rightly), and says so once per epoch
+    warnings.filterwarnings("ignore", message="The reported value is ignored because")
+    if resume and ray.tune.Tuner.can_restore(experiment):
+        with _quiet_tune_results():
+            tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+    else:
+        space = {key: _domain(*check_distribution(key, dist)) for key, dist in search.space.items()}
+        if search.algorithm == "optuna":
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per sample
+            algorithm = OptunaSearch(metric=SCORE, mode=search.mode, seed=search.seed)
+        else:
+            from ray.tune.search import BasicVariantGenerator
+
+            algorithm = BasicVariantGenerator(random_state=search.seed)
+        tuner = ray.tune.Tuner(
+            trainable, param_space=space,
+            tune_config=ray.tune.TuneConfig(
+                # the algorithm and the scheduler each hold their own metric (the search
+                # score; early_stopping.metric): Tune refuses one given here as well
+                search_alg=algorithm, num_samples=search.num_samples,
+                scheduler=_scheduler(spec, scell),
+                max_concurrent_trials=max_concurrent(spec.resources), reuse_actors=True,
+                trial_name_creator=_sample_name, trial_dirname_creator=_sample_name),
+            run_config=ray.tune.RunConfig(
+                name=scell.cell_id, storage_path=store_join(store, "tune", samples_sweep(spec.name)),
+                verbose=0, callbacks=callbacks, failure_config=ray.tune.FailureConfig(max_failures=0)))
+    with _graceful_stop() as stopped:
+        grid = tuner.fit()
+    if stopped["signal"] is not None:
+        return False
+    failed = [r for r in grid if r.error is not None]
+    if failed:
+        print(f"search {number}: {len(failed)} of {len(grid)} samples failed (see `raymeta results "
+              f"failed --sweep {samples_sweep(spec.name)}`)", file=sys.stderr, flush=True)
+    if len(grid) >= search.num_samples:
+        write_json(store_join(experiment, DONE_FILE), _settings(search))
+    return True
+
+
+def _sample_name(trial) -> str:
+    return f"sample-{trial.trial_id}"  # Tune's default name lists every value: long paths
+
+
+def _scheduler(spec: SweepSpec, scell: SearchCell):
+    stopping = spec.early_stopping
+    if stopping.scheduler != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="epoch", metric=stopping.metric, mode=stopping.mode,
+                         max_t=scell.seeds[0].config.train.epochs,
+                         grace_period=stopping.grace_period,
+                         reduction_factor=stopping.reduction_factor)
+
+
+def _trackers(spec: SweepSpec, scell: SearchCell) -> list:
+    if spec.tracking.mlflow is None and spec.tracking.wandb is None:
+        return []
+    from raymeta.tracking import tune_callback
+
+    seeds = [c.config.model_dump(mode="json") for c in scell.seeds]
+    return [tune_callback(spec.tracking, samples_sweep(spec.name), resolve_store(spec.store),
+                          cells=_SampleCells(seeds))]
+
+
+class _SampleCells:
+    """The runs of a search's Tune trial, for trackers: trial id -> experiment config (the
+    cell's seeds with the trial's proposed values)."""
+
+    def __init__(self, seeds: list[dict]):
+        self.seeds = seeds
+
+    def __call__(self, trial) -> dict[str, dict]:
+        found = {}
+        for data in self.seeds:
+            data = copy.deepcopy(data)
+            for key, value in trial.config.items():
+                set_dotted(data, key, value)
+            cfg = ExperimentConfig.model_validate(data)
+            found[cfg.trial_id()] = cfg.model_dump(mode="json")
+        return found
+
+    def only(self, trial) -> dict:
+        """The trial's one run as a cell, {trial_id, experiment} (one seed per sample)."""
+        (trial_id, experiment), = self(trial).items()
+        return {"trial_id": trial_id, "experiment": experiment}
+
+
+def _progress(number: str, scell: SearchCell, search: SearchConfig):
+    import ray.tune
+
+    from ray.tune.experiment import Trial
+
+    class Progress(ray.tune.Callback):
+        def __init__(self):
+            self.ended = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            # counted from Tune's list: a resumed search counts the samples it restored
+            self.ended = max(self.ended + 1, sum(t.status in (Trial.TERMINATED, Trial.ERROR)
+                                                 for t in trials))
+            score = (trial.last_result or {}).get(SCORE)
+            shown = "?" if score is None else f"{score:.4f}"
+            values = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
+            print(f"search {number} {scell.label}: sample {self.ended}/{search.num_samples} "
+                  f"{values}: {search.metric} {shown}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.ended += 1
+            print(f"search {number} {scell.label}: sample {self.ended}/{search.num_samples} "
+                  f"FAILED (see `raymeta results failed`)", flush=True)
+
+    return Progress()
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def copy_runs(store: str, sweep: str, cells: list[Cell]) -> int:
+    """Copy each confirmation cell whose run is a finished search sample (a searched seed)
+    into the sweep's own rows, so it is not trained twice; how many were copied."""
+    from raymeta.results.store import completed_digests
+
+    have = completed_digests(store, sweep, [c.trial_id for c in cells])
+    samples = completed_digests(store, samples_sweep(sweep), [c.trial_id for c in cells])
+    copied = 0
+    for cell in cells:
+        digest = cell.config.digest()
+        if have.get(cell.trial_id) == digest or samples.get(cell.trial_id) != digest:
+            continue
+        rows = {table: read_run(store, table, samples_sweep(sweep), cell.trial_id)
+                for table in ("trials", "curves")}
+        if not rows["trials"] or rows["trials"][0].get("status") not in FINISHED:
+            continue
+        curves = [{k: v for k, v in c.items() if k != "trial_id"} for c in rows["curves"]]
+        write_trial(store, sweep, cell.trial_id, {**rows["trials"][0], "sweep_name": sweep}, curves)
+        copied += 1
+    return copied
+
+
+@dataclass
+class SearchRun:
+    interrupted: bool
+    confirm: list[Cell]
+    """the chosen configurations on their confirmation seeds (empty where a cell has no
+    finished sample)"""
+    unsearched: list[str]
+    """cells of which no sample finished"""
+
+
+def run_search(spec: SweepSpec, scells: list[SearchCell], *, address: str | None, resume: bool,
+               rerun: bool) -> SearchRun:
+    """Search every cell (in grid order), then choose per cell; the confirmation cells are
+    returned for the sweep driver to train, with the searched seeds' runs copied."""
+    from raymeta.orchestrate.runtime import start_ray
+    from raymeta.results.search import chosen, sample_scores, searched_keys
+
+    store = resolve_store(spec.store)
+    start_ray(address)
+    for i, scell in enumerate(scells):
+        if not _search_cell(spec, scell, store=store, resume=resume, rerun=rerun,
+                            number=f"{i + 1}/{len(scells)}"):
+            return SearchRun(True, [], [])
+    try:
+        samples = sample_scores(store, spec.name)
+    except ConfigError:
+        return SearchRun(False, [], [s.cell_id for s in scells])
+    best = {row["search_cell"]: row for row in chosen(samples).iter_rows(named=True)}
+    keys = searched_keys(samples)
+    confirm, unsearched = [], []
+    for scell in scells:
+        row = best.get(scell.cell_id)
+        if row is None:
+            unsearched.append(scell.cell_id)
+            continue
+        params = {key: json.loads(row[key]) for key in keys}
+        data = scell.seeds[0].config.model_dump(mode="json")
+        for key, value in params.items():
+            set_dotted(data, key, value)
+        cfg = parse_experiment(data, unread_ok=True)
+        print(f"chosen for {scell.label}: {params} ({spec.search.metric} {row['score']:.4f}, "
+              f"{row['at']} epoch, mean of {row['seeds']} seed(s))", flush=True)
+        confirm += confirmation_cells(spec.search, scell, cfg, params)
+    if copied := copy_runs(store, spec.name, confirm):
+        print(f"{copied} confirmation run(s) are searched runs: copied from "
+              f"{display_store(store)} sweep '{samples_sweep(spec.name)}'", flush=True)
+    return SearchRun(False, confirm, unsearched)
