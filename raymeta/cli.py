@@ -403,17 +403,19 @@ def validate(paths: tuple[str, ...], address: str | None) -> None:
             if isinstance(data, dict) and ("grid" in data or "base" in data):
                 spec = parse_sweep(data, where=path)
                 cells = expand(spec, base_dir=Path.cwd())
+                what = f"{len(cells)} trials"
                 if spec.search is not None:
                     from raymeta.orchestrate.search import plan
 
-                    plan(spec, cells)
+                    what = (f"a search of {spec.search.num_samples} samples in each of "
+                            f"{len(plan(spec, cells))} cells")
                 if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
                     from raymeta.tracking import check_tracking
 
                     check_tracking(spec.tracking)
                 _preflight([c.config for c in cells], spec.store, spec.resources, address,
                            f"sweep '{spec.name}'")
-                click.echo(f"{path}: ok, sweep with {len(cells)} trials")
+                click.echo(f"{path}: ok, sweep with {what}")
             else:
                 if not isinstance(data, dict):
                     raise ConfigError(f"{path}: expected a mapping of config sections (dataset, "

@@ -35,6 +35,7 @@ def test_validate_shipped_sweeps():
     proc = raymeta("validate", *(str(f.relative_to(ROOT)) for f in files), cwd=ROOT, check=False)
     assert "quickstart.yaml: ok, sweep with 36 trials" in proc.stdout
     assert "mnist-mlc-table1.yaml: ok, sweep with 108 trials" in proc.stdout  # ../shared/data
+    assert "digits-search.yaml: ok, sweep with a search of 12 samples in each of 2 cells" in proc.stdout
     refused = proc.stderr.strip().splitlines()
     assert len(proc.stdout.splitlines()) + len(refused) == len(files)
     assert all("GPU per trial, but this machine has no GPU" in line or "no data found" in line

@@ -16,7 +16,7 @@ from raymeta.errors import ConfigError
 from raymeta.orchestrate.grid import expand
 from raymeta.orchestrate.search import plan
 from raymeta.orchestrate.sweep import run_sweep
-from raymeta.results import plots, query
+from raymeta.results import query
 from raymeta.results.search import sample_scores
 
 pytestmark = pytest.mark.ray
@@ -64,8 +64,10 @@ def test_optuna_search_chooses_on_the_meta_set_and_confirms_on_fresh_seeds(ray_s
     lines = result.output.splitlines()
     assert "method.meta_lr" in lines[0] and "confirmed test acc" in lines[0]
     assert len(lines) == 4 and all("(2)" in line for line in lines[2:])
-    png = plots.search(sample_scores(store, "srch"), tmp_path / "search.png")
-    assert png.stat().st_size > 10_000
+    result = CliRunner().invoke(cli, ["results", "plot", "search", "--sweep", "srch", "--store",
+                                      store, "--out", str(tmp_path / "search.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "search.png").stat().st_size > 10_000
 
     # Tune sees the searched key as its own axis
     import ray.tune
