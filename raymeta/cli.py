@@ -283,12 +283,12 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
 
         search_cells = plan(spec, cells)
         search = spec.search
-        seeds = search.confirm_seeds or "the searched seeds"
+        then = (f"then the chosen configuration on seeds {search.confirm_seeds}"
+                if search.confirm_seeds else "the chosen configuration's runs are the results")
         click.echo(f"sweep '{spec.name}': {search.algorithm} search of {search.num_samples} "
                    f"samples in each of {len(search_cells)} cells (chosen on {search.metric}, "
                    f"{search.at} epoch; each sample trains {len(cells) // len(search_cells)} "
-                   f"seed(s)), then the chosen configuration on seeds {seeds} -> "
-                   f"{_shown(spec.store)}")
+                   f"seed(s)); {then} -> {_shown(spec.store)}")
         if dry_run:
             for key, dist in search.space.items():
                 click.echo(f"  search {key}: {dist}")
@@ -322,7 +322,7 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
         check_tracking(spec.tracking)
     preflight([c.config for c in cells], spec.store, spec.resources, address, f"sweep '{spec.name}'")
     started = time.monotonic()
-    storage_error, unwritten, confirm = None, set(), None
+    storage_error, unwritten, confirm, unsearched = None, set(), None, []
     try:
         outcome = run_sweep(spec, cells, address=address, resume=resume, rerun=rerun,
                             source=sweep_file, search_cells=search_cells)
@@ -330,6 +330,7 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
         storage_error, unwritten = outcome.storage_error, {u[1] for u in outcome.unwritten}
         if outcome.cells is not None:  # a search: its results are the confirmation runs
             cells = confirm = outcome.cells
+        unsearched = outcome.unsearched
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once
         interrupted = True
     again = f"raymeta sweep {sweep_file} --resume{'' if store is None else ' --store ' + _shown(store)}"
@@ -379,7 +380,7 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
         sys.exit(1)
     if interrupted or ran < len(cells):
         sys.exit(130)
-    if counts["failed"]:
+    if counts["failed"] or unsearched:
         sys.exit(1)
 
 

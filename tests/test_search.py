@@ -163,3 +163,17 @@ def test_asha_stops_samples_whose_rows_still_score(ray_session, tmp_path):
     confirmed = query.load(store, "trials", "srch")
     assert confirmed["status"].to_list() == ["completed"]
     assert confirmed["optimizer.lr"].item() == best_lr
+
+
+def test_a_cell_whose_samples_all_fail_is_named_and_confirms_nothing(ray_session, tmp_path, capsys):
+    spec = parse_sweep({
+        "name": "srch", "store": str(tmp_path / "store"), "base": tiny_experiment(),
+        "grid": {"optimizer.momentum": [0.0, 0.5]},
+        "search": {"space": {"optimizer.lr": {"loguniform": [1.0e11, 1.0e12]}},  # every lr diverges
+                   "algorithm": "random", "num_samples": 2},
+        "exclude": [], "resources": {"max_concurrent_trials": 2}})
+    run = run_sweep(spec, expand(spec))
+    assert run.cells == [] and len(run.unsearched) == 2
+    assert "no sample of cell" in capsys.readouterr().err
+    samples = query.load(str(tmp_path / "store"), "trials", "srch.search")
+    assert len(samples) == 4 and set(samples["status"]) == {"failed"}

@@ -157,7 +157,8 @@ def _search_trial(params: dict, setup: dict) -> None:
         cells.append({"trial_id": cfg.trial_id(), "experiment": cfg.model_dump(mode="json")})
     config = {key: setup[key] for key in ("store", "sweep", "resources", "rerun")}
     config["row_extra"] = setup["row_extra"]
-    live = len(cells) == 1 or setup["pack"]
+    # Ray Train's workers report to Tune without the score: it is told once at the end
+    live = (len(cells) == 1 or setup["pack"]) and setup["resources"]["workers_per_trial"] == 1
     if len(cells) > 1 and setup["pack"]:
         cell = {**cells[0], "trial_id": f"{cells[0]['trial_id']}-pack{len(cells)}", "pack": cells}
         trained = _train_cell(config, cell, on_report=_Score(setup["search"]))
@@ -397,10 +398,10 @@ def run_search(spec: SweepSpec, scells: list[SearchCell], *, address: str | None
             return SearchRun(True, [], [])
     try:
         samples = sample_scores(store, spec.name)
-    except ConfigError:
-        return SearchRun(False, [], [s.cell_id for s in scells])
-    best = {row["search_cell"]: row for row in chosen(samples).iter_rows(named=True)}
-    keys = searched_keys(samples)
+        best = {row["search_cell"]: row for row in chosen(samples).iter_rows(named=True)}
+        keys = searched_keys(samples)
+    except ConfigError:  # no sample of any cell finished
+        best, keys = {}, []
     confirm, unsearched = [], []
     for scell in scells:
         row = best.get(scell.cell_id)
@@ -415,6 +416,9 @@ def run_search(spec: SweepSpec, scells: list[SearchCell], *, address: str | None
         print(f"chosen for {scell.label}: {params} ({spec.search.metric} {row['score']:.4f}, "
               f"{row['at']} epoch, mean of {row['seeds']} seed(s))", flush=True)
         confirm += confirmation_cells(spec.search, scell, cfg, params)
+    for cell_id in unsearched:
+        print(f"no sample of cell {cell_id} finished: it has no confirmation runs (see `raymeta "
+              f"results failed --sweep {samples_sweep(spec.name)}`)", file=sys.stderr, flush=True)
     if copied := copy_runs(store, spec.name, confirm):
         print(f"{copied} confirmation run(s) are searched runs: copied from "
               f"{display_store(store)} sweep '{samples_sweep(spec.name)}'", flush=True)

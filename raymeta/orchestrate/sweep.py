@@ -596,6 +596,8 @@ class SweepRun:
     """(sweep, trial id, error) of failed trials whose row is not in the store"""
     cells: list[Cell] | None = None
     """the cells that ran, where they are not the grid's (a search's confirmation runs)"""
+    unsearched: list[str] = field(default_factory=list)
+    """a search's cells of which no sample finished (nothing to confirm)"""
 
 
 GRID_FILE = "raymeta-grid.json"
@@ -705,9 +707,9 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
         found = run_search(spec, search_cells or plan(spec, cells), address=address,
                            resume=resume, rerun=rerun)
         if found.interrupted or not found.confirm:
-            return SweepRun(0, found.interrupted, cells=found.confirm)
+            return SweepRun(0, found.interrupted, cells=found.confirm, unsearched=found.unsearched)
         outcome = _run_sweep(spec, found.confirm, address=address, resume=resume, rerun=rerun)
-        outcome.cells = found.confirm
+        outcome.cells, outcome.unsearched = found.confirm, found.unsearched
         return outcome
 
 
