@@ -69,18 +69,19 @@ def test_optuna_search_chooses_on_the_meta_set_and_confirms_on_fresh_seeds(ray_s
     assert result.exit_code == 0, result.output
     assert (tmp_path / "search.png").stat().st_size > 10_000
 
-    # Tune sees the searched key as its own axis
+    # Tune sees the searched key as its own axis, and each sample's cell; the cells' samples
+    # share one experiment (they search side by side)
     import ray.tune
 
-    experiment = tmp_path / "store" / "tune" / "srch.search" / samples["search_cell"][0]
-    frame = ray.tune.ExperimentAnalysis(str(experiment)).dataframe()
-    assert "config/method.meta_lr" in frame.columns and len(frame) == 3
+    frame = ray.tune.ExperimentAnalysis(str(tmp_path / "store" / "tune" / "srch.search")).dataframe()
+    assert "config/method.meta_lr" in frame.columns and len(frame) == 6
+    assert sorted(frame["config/cell"].value_counts().to_list()) == [3, 3]
 
     # a second start searches nothing again and trains nothing
     capsys.readouterr()
     assert run_sweep(spec, expand(spec)).failed == 0
     out = capsys.readouterr().out
-    assert out.count("searched already") == 2
+    assert "searched already (3 samples in each of 2 cells)" in out
     assert "4 of 4 trials already have finished rows" in out
     assert len(query.load(store, "trials", "srch.search")) == 6
 

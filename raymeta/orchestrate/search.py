@@ -3,11 +3,13 @@ random) proposes values for the searched keys; each sample trains the cell's see
 scored on the clean meta set; the best sample's configuration is then trained on the
 confirmation seeds, whose rows are the sweep's results.
 
-Tune sees the searched keys as its own parameter axes (one Tune domain per dotted key, the
-cell's config passed with `tune.with_parameters`), so `ResultGrid.get_dataframe()` and Tune's
-analysis show them. Each cell's search is one Tune experiment, `<store>/tune/<sweep>.search/
-<cell>`; the samples' rows go to the sweep `<name>.search` (raymeta.results.search), the
-confirmation runs are ordinary cells of the sweep (raymeta.orchestrate.sweep).
+Tune sees the searched keys as its own parameter axes (one Tune domain per dotted key, and
+the sample's `cell`; the cells' configs passed with `tune.with_parameters`), so
+`ResultGrid.get_dataframe()` and Tune's analysis show them. All cells search side by side in
+one Tune experiment, `<store>/tune/<sweep>.search`, each with its own algorithm and early
+stopping (raymeta.orchestrate.tune_search); the samples' rows go to the sweep `<name>.search`
+(raymeta.results.search), the confirmation runs are ordinary cells of the sweep
+(raymeta.orchestrate.sweep).
 """
 
 from __future__ import annotations
@@ -112,16 +114,6 @@ def confirmation_cells(search: SearchConfig, scell: SearchCell, chosen: Experime
     return cells
 
 
-def _domain(kind: str, args: list):
-    from ray import tune
-
-    if kind == "choice":
-        return tune.choice(args)
-    if kind == "randint":
-        return tune.randint(args[0], args[1] + 1)  # Tune's upper end is excluded
-    return {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*args)
-
-
 class _Score:
     """The running search score of one sample: its metric now, or the best so far."""
 
@@ -139,7 +131,7 @@ class _Score:
 
 
 def _search_trial(params: dict, setup: dict) -> None:
-    """One sample: the cell's seeds with the proposed values, trained (packed when the sweep
+    """One sample: its cell's seeds with the proposed values, trained (packed when the sweep
     packs seeds and the method packs) or one after another, each seed's rows in the samples'
     partition. Tune is told the score each epoch; when the seeds train one after another, or
     their rows were in the store already, once at the end."""
@@ -148,18 +140,15 @@ def _search_trial(params: dict, setup: dict) -> None:
     from raymeta.orchestrate.sweep import _train_cell
 
     plugins.restore(setup["plugins"])
-    cells = []
-    for data in setup["seeds"]:
-        data = copy.deepcopy(data)
-        for key, value in params.items():
-            set_dotted(data, key, value)
-        cfg = ExperimentConfig.model_validate(data)
-        cells.append({"trial_id": cfg.trial_id(), "experiment": cfg.model_dump(mode="json")})
+    cell_setup = setup["cells"][params["cell"]]
+    cells = [{"trial_id": trial_id, "experiment": experiment}
+             for trial_id, experiment in _apply(cell_setup["seeds"], params).items()]
     config = {key: setup[key] for key in ("store", "sweep", "resources", "rerun")}
-    config["row_extra"] = setup["row_extra"]
+    config["row_extra"] = cell_setup["row_extra"]
     # Ray Train's workers report to Tune without the score: it is told once at the end
-    live = (len(cells) == 1 or setup["pack"]) and setup["resources"]["workers_per_trial"] == 1
-    if len(cells) > 1 and setup["pack"]:
+    pack = cell_setup["pack"]
+    live = (len(cells) == 1 or pack) and setup["resources"]["workers_per_trial"] == 1
+    if len(cells) > 1 and pack:
         cell = {**cells[0], "trial_id": f"{cells[0]['trial_id']}-pack{len(cells)}", "pack": cells}
         trained = _train_cell(config, cell, on_report=_Score(setup["search"]))
     elif live:
@@ -174,6 +163,19 @@ def _search_trial(params: dict, setup: dict) -> None:
                          "epoch": cells[0]["experiment"]["train"]["epochs"] - 1})
 
 
+def _apply(seeds: list[dict], params: dict) -> dict[str, dict]:
+    """The runs of a sample: each seed's config with the proposed values, by trial id."""
+    runs = {}
+    for data in seeds:
+        data = copy.deepcopy(data)
+        for key, value in params.items():
+            if key != "cell":
+                set_dotted(data, key, value)
+        cfg = ExperimentConfig.model_validate(data)
+        runs[cfg.trial_id()] = cfg.model_dump(mode="json")
+    return runs
+
+
 def stored_score(store: str, sweep: str, trial_ids: list[str], search: dict) -> float:
     """A sample's score from its seeds' curves in the store (their mean)."""
     import polars as pl
@@ -183,34 +185,32 @@ def stored_score(store: str, sweep: str, trial_ids: list[str], search: dict) -> 
     return sum(scores) / len(scores)
 
 
-def _settings(search: SearchConfig) -> dict:
-    """What a finished cell's search ran with: another setting searches the cell again."""
-    return json.loads(search.model_dump_json(exclude={"confirm_seeds"}))
+def _settings(search: SearchConfig, scells: list[SearchCell]) -> dict:
+    """What a finished search ran with: other settings, or other cells, search again."""
+    return {**json.loads(search.model_dump_json(exclude={"confirm_seeds"})),
+            "cells": [s.cell_id for s in scells]}
 
 
-def _search_cell(spec: SweepSpec, scell: SearchCell, *, store: str, resume: bool, rerun: bool,
-                 number: str) -> bool:
-    """Run one cell's search (or restore it); True when every sample ran."""
+def _search(spec: SweepSpec, scells: list[SearchCell], *, store: str, resume: bool,
+            rerun: bool) -> bool:
+    """Run every cell's search in one Tune experiment (or restore it); True when it ended
+    (False: interrupted)."""
     import ray.tune
 
-    from raymeta.orchestrate.sweep import _graceful_stop, max_concurrent, _quiet_tune_results
     from raymeta.methods.packed import packing_problem
+    from raymeta.orchestrate.sweep import _graceful_stop, _quiet_tune_results, max_concurrent
+    from raymeta.orchestrate.tune_search import CellSearch, PerCellScheduler
 
     search = spec.search
-    experiment = store_join(store, "tune", samples_sweep(spec.name), scell.cell_id)
-    if not rerun and read_json(store_join(experiment, DONE_FILE)) == _settings(search):
-        print(f"search {number} {scell.label}: searched already ({search.num_samples} samples)",
+    experiment = store_join(store, "tune", samples_sweep(spec.name))
+    if not rerun and read_json(store_join(experiment, DONE_FILE)) == _settings(search, scells):
+        print(f"searched already ({search.num_samples} samples in each of {len(scells)} cells)",
               flush=True)
         return True
-    pack = (len(scell.seeds) > 1 and spec.resources.seeds_per_trial >= len(scell.seeds)
-            and packing_problem(scell.seeds[0].config) is None)
-    setup = {"store": store, "sweep": samples_sweep(spec.name), "rerun": rerun, "pack": pack,
+    setup = {"store": store, "sweep": samples_sweep(spec.name), "rerun": rerun,
              "resources": spec.resources.model_dump(mode="json"), "plugins": plugins.resolved(),
-             "seeds": [c.config.model_dump(mode="json") for c in scell.seeds],
              "search": {"metric": search.metric, "at": search.at},
-             "row_extra": {"search_cell": scell.cell_id, "search_label": json.dumps(scell.label),
-                           "search_keys": json.dumps(list(search.space)),
-                           "search_metric": search.metric, "search_at": search.at}}
+             "cells": {s.cell_id: _cell_setup(spec, s, packing_problem) for s in scells}}
     if spec.resources.workers_per_trial > 1:
         from raymeta.orchestrate.sweep import DRIVER_CPUS
 
@@ -219,14 +219,18 @@ def _search_cell(spec: SweepSpec, scell: SearchCell, *, store: str, resume: bool
         resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_search_trial, setup=setup),
                                         resources)
-    callbacks = [_progress(number, scell, search)]
+    runs = _SampleCells({cell: part["seeds"] for cell, part in setup["cells"].items()})
+    callbacks = [_progress(scells, search)]
     if spec.early_stopping.scheduler != "none":  # rows of the samples it stops
         from raymeta.orchestrate.sweep import _stopped_rows_callback
 
         callbacks.append(_stopped_rows_callback(
-            store, samples_sweep(spec.name), spec.resources, extra=setup["row_extra"],
-            cell_of=_SampleCells([c.config.model_dump(mode="json") for c in scell.seeds]).only))
-    callbacks += _trackers(spec, scell)
+            store, samples_sweep(spec.name), spec.resources, cell_of=runs.only,
+            extra=lambda trial: setup["cells"][trial.config["cell"]]["row_extra"]))
+    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+        from raymeta.tracking import tune_callback
+
+        callbacks.append(tune_callback(spec.tracking, samples_sweep(spec.name), store, cells=runs))
     # a resumed sample continues from its checkpoint while Tune counts its reports from 1
     # again: Optuna ignores the repeated steps (rightly), and says so once per epoch
     warnings.filterwarnings("ignore", message="The reported value is ignored because")
@@ -235,84 +239,56 @@ def _search_cell(spec: SweepSpec, scell: SearchCell, *, store: str, resume: bool
             tuner = ray.tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                            resume_errored=True)
     else:
-        space = {key: _domain(*check_distribution(key, dist)) for key, dist in search.space.items()}
-        if search.algorithm == "optuna":
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
-
-            optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per sample
-            algorithm = OptunaSearch(metric=SCORE, mode=search.mode, seed=search.seed)
-        else:
-            from ray.tune.search import BasicVariantGenerator
-
-            algorithm = BasicVariantGenerator(random_state=search.seed)
         tuner = ray.tune.Tuner(
-            trainable, param_space=space,
+            trainable,
             tune_config=ray.tune.TuneConfig(
                 # the algorithm and the scheduler each hold their own metric (the search
                 # score; early_stopping.metric): Tune refuses one given here as well
-                search_alg=algorithm, num_samples=search.num_samples,
-                scheduler=_scheduler(spec, scell),
+                search_alg=CellSearch([s.cell_id for s in scells], search),
+                num_samples=search.num_samples * len(scells),
+                scheduler=PerCellScheduler(spec, scells) if spec.early_stopping.scheduler != "none" else None,
                 max_concurrent_trials=max_concurrent(spec.resources), reuse_actors=True,
                 trial_name_creator=_sample_name, trial_dirname_creator=_sample_name),
             run_config=ray.tune.RunConfig(
-                name=scell.cell_id, storage_path=store_join(store, "tune", samples_sweep(spec.name)),
-                verbose=0, callbacks=callbacks, failure_config=ray.tune.FailureConfig(max_failures=0)))
+                name=samples_sweep(spec.name), storage_path=store_join(store, "tune"), verbose=0,
+                callbacks=callbacks, failure_config=ray.tune.FailureConfig(max_failures=0)))
     with _graceful_stop() as stopped:
         grid = tuner.fit()
     if stopped["signal"] is not None:
         return False
-    failed = [r for r in grid if r.error is not None]
-    if failed:
-        print(f"search {number}: {len(failed)} of {len(grid)} samples failed (see `raymeta results "
-              f"failed --sweep {samples_sweep(spec.name)}`)", file=sys.stderr, flush=True)
-    if len(grid) >= search.num_samples:
-        write_json(store_join(experiment, DONE_FILE), _settings(search))
+    if failed := [r for r in grid if r.error is not None]:
+        print(f"{len(failed)} of {len(grid)} samples failed (see `raymeta results failed --sweep "
+              f"{samples_sweep(spec.name)}`)", file=sys.stderr, flush=True)
+    if len(grid) >= search.num_samples * len(scells):
+        write_json(store_join(experiment, DONE_FILE), _settings(search, scells))
     return True
+
+
+def _cell_setup(spec: SweepSpec, scell: SearchCell, packing_problem) -> dict:
+    """What a sample of this cell trains: its seeds' configs, packed or not, and the columns
+    its rows add."""
+    search = spec.search
+    return {"seeds": [c.config.model_dump(mode="json") for c in scell.seeds],
+            "pack": (len(scell.seeds) > 1 and spec.resources.seeds_per_trial >= len(scell.seeds)
+                     and packing_problem(scell.seeds[0].config) is None),
+            "row_extra": {"search_cell": scell.cell_id, "search_label": json.dumps(scell.label),
+                          "search_keys": json.dumps(list(search.space)),
+                          "search_metric": search.metric, "search_at": search.at}}
 
 
 def _sample_name(trial) -> str:
     return f"sample-{trial.trial_id}"  # Tune's default name lists every value: long paths
 
 
-def _scheduler(spec: SweepSpec, scell: SearchCell):
-    stopping = spec.early_stopping
-    if stopping.scheduler != "asha":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr="epoch", metric=stopping.metric, mode=stopping.mode,
-                         max_t=scell.seeds[0].config.train.epochs,
-                         grace_period=stopping.grace_period,
-                         reduction_factor=stopping.reduction_factor)
-
-
-def _trackers(spec: SweepSpec, scell: SearchCell) -> list:
-    if spec.tracking.mlflow is None and spec.tracking.wandb is None:
-        return []
-    from raymeta.tracking import tune_callback
-
-    seeds = [c.config.model_dump(mode="json") for c in scell.seeds]
-    return [tune_callback(spec.tracking, samples_sweep(spec.name), resolve_store(spec.store),
-                          cells=_SampleCells(seeds))]
-
-
 class _SampleCells:
-    """The runs of a search's Tune trial, for trackers: trial id -> experiment config (the
-    cell's seeds with the trial's proposed values)."""
+    """The runs of a search's Tune trial, for trackers and stopped rows: trial id ->
+    experiment config (its cell's seeds with the trial's proposed values)."""
 
-    def __init__(self, seeds: list[dict]):
+    def __init__(self, seeds: dict[str, list[dict]]):
         self.seeds = seeds
 
     def __call__(self, trial) -> dict[str, dict]:
-        found = {}
-        for data in self.seeds:
-            data = copy.deepcopy(data)
-            for key, value in trial.config.items():
-                set_dotted(data, key, value)
-            cfg = ExperimentConfig.model_validate(data)
-            found[cfg.trial_id()] = cfg.model_dump(mode="json")
-        return found
+        return _apply(self.seeds[trial.config["cell"]], trial.config)
 
     def only(self, trial) -> dict:
         """The trial's one run as a cell, {trial_id, experiment} (one seed per sample)."""
@@ -320,29 +296,35 @@ class _SampleCells:
         return {"trial_id": trial_id, "experiment": experiment}
 
 
-def _progress(number: str, scell: SearchCell, search: SearchConfig):
+def _progress(scells: list[SearchCell], search: SearchConfig):
     import ray.tune
 
-    from ray.tune.experiment import Trial
+    labels = {s.cell_id: s.label for s in scells}
+    number = {s.cell_id: f"{i + 1}/{len(scells)}" for i, s in enumerate(scells)}
 
     class Progress(ray.tune.Callback):
         def __init__(self):
-            self.ended = 0
+            self.ended: dict[str, int] = {}
+
+        def _line(self, trials, trial, text: str) -> None:
+            from ray.tune.experiment import Trial
+
+            cell = trial.config["cell"]
+            # counted from Tune's list: a resumed search counts the samples it restored
+            done = 1 + sum(t is not trial and t.config.get("cell") == cell
+                           and t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+            self.ended[cell] = max(self.ended.get(cell, 0) + 1, done)
+            print(f"search {number[cell]} {labels[cell]}: sample {self.ended[cell]}/"
+                  f"{search.num_samples} {text}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            # counted from Tune's list: a resumed search counts the samples it restored
-            self.ended = max(self.ended + 1, sum(t.status in (Trial.TERMINATED, Trial.ERROR)
-                                                 for t in trials))
             score = (trial.last_result or {}).get(SCORE)
+            values = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items() if k != "cell")
             shown = "?" if score is None else f"{score:.4f}"
-            values = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items())
-            print(f"search {number} {scell.label}: sample {self.ended}/{search.num_samples} "
-                  f"{values}: {search.metric} {shown}", flush=True)
+            self._line(trials, trial, f"{values}: {search.metric} {shown}")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.ended += 1
-            print(f"search {number} {scell.label}: sample {self.ended}/{search.num_samples} "
-                  f"FAILED (see `raymeta results failed`)", flush=True)
+            self._line(trials, trial, "FAILED (see `raymeta results failed`)")
 
     return Progress()
 
@@ -392,10 +374,8 @@ def run_search(spec: SweepSpec, scells: list[SearchCell], *, address: str | None
 
     store = resolve_store(spec.store)
     start_ray(address)
-    for i, scell in enumerate(scells):
-        if not _search_cell(spec, scell, store=store, resume=resume, rerun=rerun,
-                            number=f"{i + 1}/{len(scells)}"):
-            return SearchRun(True, [], [])
+    if not _search(spec, scells, store=store, resume=resume, rerun=rerun):
+        return SearchRun(True, [], [])
     try:
         samples = sample_scores(store, spec.name)
         best = {row["search_cell"]: row for row in chosen(samples).iter_rows(named=True)}

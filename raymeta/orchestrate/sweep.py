@@ -381,12 +381,12 @@ def _progress_callback(total: int, early_stopping: bool):
 
 
 def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig,
-                           cell_of: Callable | None = None, extra: dict | None = None):
+                           cell_of: Callable | None = None, extra: Callable | None = None):
     """Early stopping ends a trial between two epochs, inside Tune: its own code never gets
     to write rows. This driver-side callback writes them from the trial's last checkpoint,
     with status `stopped` (summaries count completed trials only). `cell_of(trial)`: the
-    trial's cell, {trial_id, experiment} (default: a sweep's, in its config); `extra`: columns
-    its row adds."""
+    trial's cell, {trial_id, experiment} (default: a sweep's, in its config); `extra(trial)`:
+    columns its row adds."""
     import ray.tune
 
     class StoppedRows(ray.tune.Callback):
@@ -399,7 +399,8 @@ def _stopped_rows_callback(store: str, sweep: str, resources: ResourcesConfig,
             if state is None:
                 return
             curves = state["curves"]
-            row = {**trial_row(cfg, sweep, {**(extra or {}), "tune_trial_id": trial.trial_id}),
+            added = extra(trial) if extra is not None else {}
+            row = {**trial_row(cfg, sweep, {**added, "tune_trial_id": trial.trial_id}),
                    **curve_outcome(curves), "status": "stopped",
                    "error": f"stopped early (ASHA) after epoch {len(curves) - 1}",
                    "train_seconds": state["train_seconds"], "restarts": state.get("restarts", 0),
