@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,28 @@ class Tracking:
                         ([_Wandb(cfg.wandb, sweep)] if cfg.wandb else [])
         self.runs: dict[str, list] = {}  # trial id -> each backend's run
         self.lists: dict[str, dict] = {}  # trial id -> metric -> [[epoch, value], ...]
+        self.failed: set[int] = set()  # backends that failed once: skipped from then on
+
+    def _each(self, call, runs: list | None = None) -> list:
+        """call(backend, run) for every backend still working. A tracker that fails (a server
+        gone, a full disk) is dropped with a warning, never the sweep: the store has every
+        result."""
+        out = []
+        for i, backend in enumerate(self.backends):
+            run = runs[i] if runs is not None else None
+            if i in self.failed or (runs is not None and run is None):
+                out.append(None)
+                continue
+            try:
+                out.append(call(backend, run))
+            except Exception as err:
+                self.failed.add(i)
+                out.append(None)
+                print(f"warning: logging to {type(backend).__name__.strip('_')} failed "
+                      f"({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}); "
+                      f"it is skipped from now on; the results store has every row",
+                      file=sys.stderr, flush=True)
+        return out
 
     def epoch(self, trial_id: str, experiment: dict | None, metrics: dict) -> None:
         """One epoch of a run (started with its config at its first epoch)."""
@@ -175,15 +198,14 @@ class Tracking:
             params = {k: json.dumps(v) if not isinstance(v, str) else v
                       for k, v in flatten(experiment or {}).items()}
             tags = {"raymeta.sweep": self.sweep, "raymeta.trial_id": trial_id}
-            self.runs[trial_id] = [b.start(trial_id, params, tags) for b in self.backends]
+            self.runs[trial_id] = self._each(lambda b, _: b.start(trial_id, params, tags))
             self.lists[trial_id] = {}
         step = int(metrics.get("epoch", 0))
         scalars = {k: float(v) for k, v in metrics.items() if _scalar(v) and k != "epoch"}
         for key, value in metrics.items():
             if isinstance(value, (list, tuple)):
                 self.lists[trial_id].setdefault(key, []).append([step, value])
-        for backend, run in zip(self.backends, self.runs[trial_id]):
-            backend.log(run, scalars, step)
+        self._each(lambda b, run: b.log(run, scalars, step), self.runs[trial_id])
 
     def finish(self, trial_id: str, row: dict | None = None, status: str | None = None) -> None:
         """End a run: its row's outcomes (read from the store when not given) and status."""
@@ -194,9 +216,8 @@ class Tracking:
         row = row or {}
         status = row.get("status") or status or "failed"
         outcome = {k: float(row[k]) for k in OUTCOMES if _scalar(row.get(k))}
-        for backend, run in zip(self.backends, self.runs.pop(trial_id)):
-            backend.finish(run, outcome, self.lists.get(trial_id, {}), status)
-        self.lists.pop(trial_id, None)
+        lists = self.lists.pop(trial_id, {})
+        self._each(lambda b, run: b.finish(run, outcome, lists, status), self.runs.pop(trial_id))
 
     def replay(self, trial_id: str) -> None:
         """Log a finished run from its rows in the store (a run whose epochs reached no hook

@@ -116,3 +116,18 @@ def test_wandb_online_without_a_login_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "none"))
     with pytest.raises(ConfigError, match="wandb login.*mode: offline"):
         check_tracking(TrackingConfig.model_validate({"wandb": {"mode": "online"}}))
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_a_warning_not_the_run(tmp_path, capsys):
+    from raymeta.tracking import Tracking
+
+    tracking = Tracking(TrackingConfig.model_validate(
+        {"wandb": {"mode": "offline", "dir": str(tmp_path)}}), "sweep")
+    tracking.epoch("trial", {"seed": 0}, {"epoch": 0, "train_loss": 1.0})
+    tracking.runs["trial"][0].finish()  # the run ends underneath: logging to it now fails
+    tracking.epoch("trial", {"seed": 0}, {"epoch": 1, "train_loss": 0.5})
+    tracking.epoch("trial", {"seed": 0}, {"epoch": 2, "train_loss": 0.4})
+    tracking.finish("trial", row={"status": "completed", "final_test_acc": 0.9})
+    err = capsys.readouterr().err
+    assert err.count("warning: logging to Wandb failed") == 1
+    assert "the results store has every row" in err
