@@ -164,6 +164,13 @@ def test_asha_stops_samples_whose_rows_still_score(ray_session, tmp_path):
     confirmed = query.load(store, "trials", "srch")
     assert confirmed["status"].to_list() == ["completed"]
     assert confirmed["optimizer.lr"].item() == best_lr
+    # early stopping is the search's: confirmation runs on fresh seeds train to their end
+    more = spec.model_copy(update={"search": spec.search.model_copy(
+        update={"confirm_seeds": [1, 2, 3]})})
+    assert run_sweep(more, expand(more)).failed == 0
+    confirmed = query.load(store, "trials", "srch").filter(pl.col("seed") > 0)
+    assert confirmed["status"].to_list() == ["completed"] * 3
+    assert confirmed["epochs_run"].to_list() == [4] * 3
 
 
 def test_a_cell_whose_samples_all_fail_is_named_and_confirms_nothing(ray_session, tmp_path, capsys):

@@ -33,7 +33,7 @@ import polars as pl
 import pyarrow.fs as pafs
 
 from raymeta import plugins
-from raymeta.config import ExperimentConfig, ResourcesConfig, SweepSpec
+from raymeta.config import EarlyStoppingConfig, ExperimentConfig, ResourcesConfig, SweepSpec
 from raymeta.errors import ConfigError, DataError, StorageError, is_storage_failure
 from raymeta.orchestrate.grid import Cell, pack_cells
 from raymeta.orchestrate.owner import own_sweep
@@ -709,7 +709,10 @@ def run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None = None,
                            resume=resume, rerun=rerun)
         if found.interrupted or not found.confirm:
             return SweepRun(0, found.interrupted, cells=found.confirm, unsearched=found.unsearched)
-        outcome = _run_sweep(spec, found.confirm, address=address, resume=resume, rerun=rerun)
+        # early stopping is the search's: a confirmation run trains to its end
+        confirming = spec.model_copy(update={"early_stopping": EarlyStoppingConfig()})
+        outcome = _run_sweep(confirming, found.confirm, address=address, resume=resume,
+                             rerun=rerun)
         outcome.cells, outcome.unsearched = found.confirm, found.unsearched
         return outcome
 
