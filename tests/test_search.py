@@ -56,9 +56,15 @@ def test_optuna_search_chooses_on_the_meta_set_and_confirms_on_fresh_seeds(ray_s
         assert len(chosen_lr) == 1 and sorted(runs["seed"].to_list()) == [1, 2]
         assert part.filter(pl.col("method.meta_lr") == chosen_lr[0])["meta_acc"][0] == best
 
-    # the summary of the sweep is the confirmation runs: two seeds per cell
-    table = query.summary_cells(query.unique_runs(confirmed))
-    assert sorted(c["n"] for c in table.to_dicts()) == [2, 2]
+    # `raymeta results summary` of the sweep is the confirmation runs: two seeds per cell,
+    # their mean
+    result = CliRunner().invoke(cli, ["results", "summary", "--sweep", "srch", "--store", store])
+    assert result.exit_code == 0, result.output
+    row = result.output.splitlines()[2].split()
+    assert row[0] == "mwnet" and row.count("(2)") == 2
+    for noise in ("uniform", "flip_to_one"):
+        accs = confirmed.filter(pl.col("noise.type") == noise)["final_test_acc"] * 100
+        assert f"{accs.mean():.2f}" in result.output
     result = CliRunner().invoke(cli, ["results", "search", "--sweep", "srch", "--store", store])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
