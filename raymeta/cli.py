@@ -316,7 +316,7 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
     from raymeta.results.store import resolve_store
 
     check_owner(spec, sweep_file)  # before Ray starts: another driver may hold this sweep
-    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+    if spec.tracking.enabled:
         from raymeta.tracking import check_tracking
 
         check_tracking(spec.tracking)
@@ -410,7 +410,7 @@ def validate(paths: tuple[str, ...], address: str | None) -> None:
 
                     what = (f"a search of {spec.search.num_samples} samples in each of "
                             f"{len(plan(spec, cells))} cells")
-                if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+                if spec.tracking.enabled:
                     from raymeta.tracking import check_tracking
 
                     check_tracking(spec.tracking)

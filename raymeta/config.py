@@ -937,6 +937,10 @@ class ExperimentConfig(_Config):
                 found[key] = why
         return found
 
+    def setting_digest(self) -> str:
+        """The digest without the seed: the runs of one setting on several seeds share it."""
+        return self.model_copy(update={"seed": 0}).digest()
+
     def trial_id(self) -> str:
         """The experiment's identity in results stores: readable, and a function of the config
         digest alone, so the same experiment has the same id whichever sweep, command or pack
@@ -1104,6 +1108,10 @@ class TrackingConfig(_Config):
 
     mlflow: MlflowTracking | None = None
     wandb: WandbTracking | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow is not None or self.wandb is not None
 
 
 SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

@@ -24,6 +24,7 @@ from typing import Any
 
 from raymeta.config import MlflowTracking, TrackingConfig, WandbTracking, flatten
 from raymeta.errors import ConfigError
+from raymeta.results.store import ENDED
 
 OUTCOMES = ("final_test_acc", "best_test_acc", "test_acc_at_best_meta", "final_meta_acc",
             "epochs_run", "wall_seconds", "ms_per_step", "realized_noise_rate")
@@ -127,8 +128,7 @@ class _Mlflow:
         if lists:
             self.client.log_dict(run, lists, "list_metrics.json")
         self.client.set_tag(run, "raymeta.status", status)
-        self.client.set_terminated(run, "FINISHED" if status in ("completed", "collapsed",
-                                                                  "stopped") else "FAILED")
+        self.client.set_terminated(run, "FINISHED" if status in ENDED else "FAILED")
 
 
 class _Wandb:
@@ -157,7 +157,7 @@ class _Wandb:
             artifact = self.wandb.Artifact(f"list_metrics-{run.id}", type="metrics")
             artifact.add_file(str(path))
             run.log_artifact(artifact)
-        run.finish(exit_code=0 if status in ("completed", "collapsed", "stopped") else 1)
+        run.finish(exit_code=0 if status in ENDED else 1)
 
 
 class Tracking:

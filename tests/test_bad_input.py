@@ -32,6 +32,11 @@ def sweep(base=None, **extra):
     return {"name": "bad", "store": "out", "base": base or DIGITS, "grid": {"seed": [0]}, **extra}
 
 
+def searched(space, **search):
+    """A sweep of MW-Net whose `search:` has this space and these settings."""
+    return sweep(experiment(method={"name": "mwnet"}), search={"space": space, **search})
+
+
 def truncated_cifar(root):
     path, _ = write_cifar_tarball(root)
     path.write_bytes(path.read_bytes()[:300])
@@ -226,24 +231,19 @@ CASES = [
     ("a repeated grid value", "sweep", lambda d: {**sweep(), "grid": {"seed": [0, 1, 0]}}, [],
      "grid key 'seed' repeats the value(s) 0"),
     ("a search chosen on the test set", "sweep",
-     lambda d: sweep(experiment(method={"name": "mwnet"}), search={
-         "space": {"method.meta_lr": {"loguniform": [1e-3, 1e-1]}}, "metric": "test_acc"}), [],
+     lambda d: searched({"method.meta_lr": {"loguniform": [1e-3, 1e-1]}}, metric="test_acc"), [],
      "test_acc is a test-set metric: choosing a configuration on the test set"),
     ("an unknown search algorithm", "sweep",
-     lambda d: sweep(experiment(method={"name": "mwnet"}), search={
-         "space": {"method.meta_lr": {"loguniform": [1e-3, 1e-1]}}, "algorithm": "optuan"}), [],
+     lambda d: searched({"method.meta_lr": {"loguniform": [1e-3, 1e-1]}}, algorithm="optuan"), [],
      "search.algorithm: 'optuan' is not allowed; choose one of 'optuna' or 'random' (did you mean 'optuna'?)"),
     ("a log-uniform range from 0", "sweep",
-     lambda d: sweep(experiment(method={"name": "mwnet"}), search={
-         "space": {"method.meta_lr": {"loguniform": [0, 1]}}}), [],
+     lambda d: searched({"method.meta_lr": {"loguniform": [0, 1]}}), [],
      "method.meta_lr: loguniform [0, 1] needs low > 0"),
     ("an empty choice", "sweep",
-     lambda d: sweep(experiment(method={"name": "mwnet"}), search={
-         "space": {"method.meta_interval": {"choice": []}}}), [],
+     lambda d: searched({"method.meta_interval": {"choice": []}}), [],
      "method.meta_interval: choice takes a non-empty list of values"),
     ("a searched key the method never reads", "sweep",
-     lambda d: sweep(experiment(method={"name": "mwnet"}), search={
-         "space": {"famus.k": {"randint": [1, 4]}}}), [],
+     lambda d: searched({"famus.k": {"randint": [1, 4]}}), [],
      "search.space.famus.k: read only when the method runs FaMUS (method.famus: true); search it only in cells whose method reads it"),
     ("an unreachable MLflow tracking server", "sweep",
      lambda d: sweep(tracking={"mlflow": {"uri": "http://127.0.0.1:9"}}), [],

@@ -166,8 +166,14 @@ def pack_cells(cells: list[Cell], seeds_per_trial: int) -> list[list[Cell]]:
     exactly: a sweep file orders its cells to run what matters first."""
     if seeds_per_trial == 1:
         return [[cell] for cell in cells]
+    return [group[i:i + seeds_per_trial] for group in seed_groups(cells)
+            for i in range(0, len(group), seeds_per_trial)]
+
+
+def seed_groups(cells: list[Cell]) -> list[list[Cell]]:
+    """The cells grouped by setting (they differ only in their seed), groups and seeds in
+    grid order."""
     groups: dict[str, list[Cell]] = {}
     for cell in cells:
-        groups.setdefault(cell.config.model_copy(update={"seed": 0}).digest(), []).append(cell)
-    return [group[i:i + seeds_per_trial] for group in groups.values()
-            for i in range(0, len(group), seeds_per_trial)]
+        groups.setdefault(cell.config.setting_digest(), []).append(cell)
+    return list(groups.values())

@@ -26,7 +26,7 @@ from raymeta import plugins
 from raymeta.config import (ExperimentConfig, SearchConfig, SweepSpec, check_distribution,
                             parse_experiment, set_dotted)
 from raymeta.errors import ConfigError
-from raymeta.orchestrate.grid import Cell
+from raymeta.orchestrate.grid import Cell, seed_groups
 from raymeta.results.search import SAMPLES, samples_sweep, trial_score
 from raymeta.results.store import (FINISHED, display_store, read_json, read_run, resolve_store,
                                    store_join, write_json, write_trial)
@@ -34,14 +34,14 @@ from raymeta.results.store import (FINISHED, display_store, read_json, read_run,
 SCORE = "search_score"
 """what each sample reports to Tune: the search metric, at the last epoch or the best so far"""
 DONE_FILE = "raymeta-search-done.json"
-"""beside a cell's Tune experiment once all its samples ran: the search settings it ran with"""
+"""beside the search's Tune experiment once every sample ran: the settings and cells it ran with"""
 
 
 @dataclass(frozen=True)
 class SearchCell:
     """A cell of the grid without its seed: the seeds are searched together."""
     cell_id: str
-    """the first seed's trial id: names the cell's Tune experiment and its sample rows"""
+    """the first seed's trial id: names the cell in its samples' Tune configs and rows"""
     label: dict[str, Any]
     """the grid values that define the cell (the seed left out)"""
     seeds: tuple[Cell, ...]
@@ -58,20 +58,17 @@ def plan(spec: SweepSpec, cells: list[Cell]) -> list[SearchCell]:
     if search.algorithm == "optuna" and importlib.util.find_spec("optuna") is None:
         raise ConfigError("search.algorithm optuna needs Optuna: pip install 'raymeta[search]' "
                           "(or optuna); or use algorithm: random")
-    groups: dict[str, list[Cell]] = {}
-    for cell in cells:
-        groups.setdefault(cell.config.model_copy(update={"seed": 0}).digest(), []).append(cell)
+    groups = seed_groups(cells)
     problems: dict[str, list[str]] = {}
     for key, spec_ in search.space.items():
-        kind, args = check_distribution(key, spec_)
-        values = args  # both ends of a range, or each choice
+        kind, values = check_distribution(key, spec_)  # both ends of a range, or each choice
         if (search.algorithm == "optuna" and kind == "choice"
                 and any(isinstance(v, (dict, list)) for v in values)):
             problems.setdefault(f"search.space.{key}: Optuna's choices must be numbers, strings, "
                                 f"booleans or null, not {values!r}; search the keys inside "
                                 f"instead (e.g. method.meta_lr), or use algorithm: random", [])
             continue
-        for seeds in groups.values():
+        for seeds in groups:
             first = seeds[0]
             for value in values:
                 data = first.config.model_dump(mode="json")
@@ -83,11 +80,11 @@ def plan(spec: SweepSpec, cells: list[Cell]) -> list[SearchCell]:
                 except ConfigError as err:
                     problems.setdefault(str(err), []).append(str(label))
                     continue
-                if key in cfg.unread():
-                    problems.setdefault(f"search.space.{key}: {cfg.unread()[key]}; search it only in "
-                                        f"cells whose method reads it (exclude the others)",
+                if (why := cfg.unread().get(key)) is not None:
+                    problems.setdefault(f"search.space.{key}: {why}; search it only in cells whose "
+                                        f"method reads it (exclude the others)",
                                         []).append(str(label))
-    if spec.early_stopping.scheduler != "none" and any(len(s) > 1 for s in groups.values()):
+    if spec.early_stopping.scheduler != "none" and any(len(s) > 1 for s in groups):
         problems.setdefault("early_stopping does not combine with searching several seeds "
                             "together (it would stop a sample on the mean of its seeds); search "
                             "on one seed and list the others in search.confirm_seeds", [])
@@ -96,22 +93,22 @@ def plan(spec: SweepSpec, cells: list[Cell]) -> list[SearchCell]:
                          if any(w != "{}" for w in where) and "cell " not in text else "")
                  for text, where in problems.items()]
         raise ConfigError(f"sweep '{spec.name}': the search cannot run:\n" + "\n".join(lines[:8]))
-    return [SearchCell(seeds[0].trial_id, _label(seeds[0]), tuple(seeds)) for seeds in groups.values()]
+    return [SearchCell(seeds[0].trial_id, _label(seeds[0]), tuple(seeds)) for seeds in groups]
 
 
 def _label(cell: Cell) -> dict[str, Any]:
     return {k: v for k, v in cell.overrides.items() if k != "seed"}
 
 
-def confirmation_cells(search: SearchConfig, scell: SearchCell, chosen: ExperimentConfig,
+def confirmation_cells(search: SearchConfig, scell: SearchCell,
                        params: dict[str, Any]) -> list[Cell]:
-    """The chosen configuration on the confirmation seeds (default: the searched ones)."""
+    """The chosen values on the confirmation seeds (default: the searched ones)."""
     seeds = search.confirm_seeds or [c.config.seed for c in scell.seeds]
-    cells = []
-    for seed in seeds:
-        cfg = parse_experiment({**chosen.model_dump(mode="json"), "seed": seed}, unread_ok=True)
-        cells.append(Cell(cfg.trial_id(), cfg, {**scell.label, **params, "seed": seed}))
-    return cells
+    base = scell.seeds[0].config.model_dump(mode="json")
+    runs = _apply([{**base, "seed": seed} for seed in seeds], params)
+    return [Cell(trial_id, ExperimentConfig.model_validate(experiment),
+                 {**scell.label, **params, "seed": experiment["seed"]})
+            for trial_id, experiment in runs.items()]
 
 
 class _Score:
@@ -227,7 +224,7 @@ def _search(spec: SweepSpec, scells: list[SearchCell], *, store: str, resume: bo
         callbacks.append(_stopped_rows_callback(
             store, samples_sweep(spec.name), spec.resources, cell_of=runs.only,
             extra=lambda trial: setup["cells"][trial.config["cell"]]["row_extra"]))
-    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+    if spec.tracking.enabled:
         from raymeta.tracking import tune_callback
 
         callbacks.append(tune_callback(spec.tracking, samples_sweep(spec.name), store, cells=runs))
@@ -286,9 +283,12 @@ class _SampleCells:
 
     def __init__(self, seeds: dict[str, list[dict]]):
         self.seeds = seeds
+        self.known: dict[str, dict[str, dict]] = {}  # Tune trial id -> its runs
 
     def __call__(self, trial) -> dict[str, dict]:
-        return _apply(self.seeds[trial.config["cell"]], trial.config)
+        if trial.trial_id not in self.known:  # asked on every result: validated once
+            self.known[trial.trial_id] = _apply(self.seeds[trial.config["cell"]], trial.config)
+        return self.known[trial.trial_id]
 
     def only(self, trial) -> dict:
         """The trial's one run as a cell, {trial_id, experiment} (one seed per sample)."""
@@ -389,13 +389,9 @@ def run_search(spec: SweepSpec, scells: list[SearchCell], *, address: str | None
             unsearched.append(scell.cell_id)
             continue
         params = {key: json.loads(row[key]) for key in keys}
-        data = scell.seeds[0].config.model_dump(mode="json")
-        for key, value in params.items():
-            set_dotted(data, key, value)
-        cfg = parse_experiment(data, unread_ok=True)
         print(f"chosen for {scell.label}: {params} ({spec.search.metric} {row['score']:.4f}, "
               f"{row['at']} epoch, mean of {row['seeds']} seed(s))", flush=True)
-        confirm += confirmation_cells(spec.search, scell, cfg, params)
+        confirm += confirmation_cells(spec.search, scell, params)
     for cell_id in unsearched:
         print(f"no sample of cell {cell_id} finished: it has no confirmation runs (see `raymeta "
               f"results failed --sweep {samples_sweep(spec.name)}`)", file=sys.stderr, flush=True)

@@ -40,9 +40,9 @@ from raymeta.orchestrate.owner import own_sweep
 from raymeta.orchestrate.runtime import capacity, check_capacity, start_ray
 from raymeta.orchestrate.trial import run_packed_trial, run_trial, trial_row, write_failed_rows
 from raymeta.results.store import (FINISHED, completed_digest, completed_digests, display_store,
-                                   filesystem, read_json, record_unwritten, redact, resolve_store,
-                                   storage_error, store_join, table_dir, write_bytes, write_json,
-                                   write_trial)
+                                   filesystem, read_json, read_run, record_unwritten, redact,
+                                   resolve_store, storage_error, store_join, write_bytes,
+                                   write_json, write_trial)
 from raymeta.threads import use_threads
 from raymeta.train.packed import pack_digest
 from raymeta.train.checkpoint import CHECKPOINT_FILE, check_checkpoint, load_state_bytes
@@ -500,13 +500,9 @@ def _storage_watch() -> list:
 def _row_written(store: str, sweep: str, trial_id: str, tune_trial_id: str | None) -> bool:
     """The store holds a row of this trial written by this Tune trial (a row of an earlier
     run does not count); a store that cannot be read counts as no row."""
-    fs, _ = filesystem(store)
-    path = f"{table_dir(store, 'trials', sweep)}/{trial_id}.parquet"
     try:
-        import pyarrow.parquet as pq
-
-        row = pq.read_table(path, filesystem=fs).to_pylist()
-    except Exception:
+        row = read_run(store, "trials", sweep, trial_id)
+    except Exception:  # beyond the missing or unreadable file read_run gives as no rows
         return False
     return bool(row) and (tune_trial_id is None or row[0].get("tune_trial_id") in (None, tune_trial_id))
 
@@ -767,7 +763,7 @@ def _run_sweep(spec: SweepSpec, cells: list[Cell], *, address: str | None, resum
                                   grace_period=stopping.grace_period,
                                   reduction_factor=stopping.reduction_factor)
         callbacks.append(_stopped_rows_callback(store, spec.name, spec.resources))
-    if spec.tracking.mlflow is not None or spec.tracking.wandb is not None:
+    if spec.tracking.enabled:
         from raymeta.tracking import tune_callback
 
         callbacks.append(tune_callback(spec.tracking, spec.name, store))  # after the rows' writers

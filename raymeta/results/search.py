@@ -14,11 +14,10 @@ import polars as pl
 
 from raymeta.errors import ConfigError
 from raymeta.results import query
+from raymeta.results.store import ENDED
 
 SAMPLES = ".search"
 """the suffix of the partition that holds a sweep's search samples"""
-SCORED = ("completed", "collapsed", "stopped")
-"""sample rows that have a score: they ran epochs (a stopped one until ASHA ended it)"""
 
 
 def samples_sweep(sweep: str) -> str:
@@ -29,8 +28,7 @@ def setting_key(config_json: str) -> str:
     """A run's configuration without its seed (the seeds of one sample share it)."""
     from raymeta.config import ExperimentConfig
 
-    cfg = ExperimentConfig.model_validate(json.loads(config_json))
-    return cfg.model_copy(update={"seed": 0}).digest()
+    return ExperimentConfig.model_validate(json.loads(config_json)).setting_digest()
 
 
 def trial_score(curve: pl.DataFrame, metric: str, at: str) -> float:
@@ -48,7 +46,7 @@ def sample_scores(store: str, sweep: str) -> pl.DataFrame:
     trials = query.load(store, "trials", samples_sweep(sweep))
     if "search_cell" not in trials.columns:
         raise ConfigError(f"sweep '{samples_sweep(sweep)}' holds no search samples")
-    scored = trials.filter(pl.col("status").is_in(list(SCORED)))
+    scored = trials.filter(pl.col("status").is_in(list(ENDED)))  # each ran epochs: a score
     if scored.is_empty():
         raise ConfigError(f"no sample of the search of sweep '{sweep}' has finished yet "
                           f"({len(trials)} row(s), none completed)")

@@ -34,6 +34,8 @@ from raymeta.errors import StorageError, is_storage_failure
 TABLES = ("trials", "curves")
 FINISHED = ("completed", "collapsed")
 """statuses of a run that trained to its end: a sweep does not train it again"""
+ENDED = (*FINISHED, "stopped")
+"""statuses of a run that ended without an error (stopped: early stopping ended it)"""
 
 
 def resolve_store(store: str | os.PathLike) -> str:
