@@ -625,12 +625,33 @@ def main() -> None:
     ours = ray is None or not ray.is_initialized()  # a caller's own Ray is left as it was
     try:
         _main()
-    finally:  # Ray's own shutdown during interpreter exit once crashed (SIGSEGV) an
-        # interrupted sweep after its message, turning exit code 130 into -11: shut it down
-        # while the interpreter is whole
+    finally:  # shut down the Ray this command started while the interpreter is whole
         ray = sys.modules.get("ray")
         if ours and ray is not None and ray.is_initialized():
             ray.shutdown()
+
+
+def entry() -> None:
+    """The `raymeta` command. Once the command is done and its Ray shut down, the process ends
+    without the interpreter's teardown: native threads that Ray, torch and pyarrow leave behind
+    crashed (SIGSEGV) an interrupted sweep there after its message, now and then, turning exit
+    code 130 into -11. A crash while the command runs still prints its stack (faulthandler)."""
+    import faulthandler
+    import os
+
+    faulthandler.enable()
+    code = 0
+    try:
+        main()
+    except SystemExit as exit_:
+        code = exit_.code
+    if code is not None and not isinstance(code, int):  # sys.exit("message")
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`| head`) loses nothing
+            stream.flush()
+    os._exit(code or 0)
 
 
 def _main() -> None:
@@ -658,4 +679,4 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    entry()
