@@ -515,6 +515,17 @@ def speed(sweep_name: str | None, store: str, fmt: str) -> None:
 @results.command()
 @_sweep_option
 @_store_option
+@_format_option
+def costs(sweep_name: str | None, store: str, fmt: str) -> None:
+    """Per sweep: trials by status, devices, when it ran, busy hours and trial hours."""
+    from raymeta.results import query
+
+    click.echo(query.render(query.costs(query.load(store, "trials", sweep_name)), fmt))
+
+
+@results.command()
+@_sweep_option
+@_store_option
 @click.option("--trial", "trial_ids", multiple=True, help="trial id (repeatable; default: all)")
 @click.option("--metric", "metrics", multiple=True, default=("test_acc",), show_default=True,
               help="curve column (repeatable)")

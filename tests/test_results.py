@@ -323,3 +323,32 @@ def test_a_mixed_method_store_reads_with_plain_polars_and_duckdb(tmp_path):
     sweeps = duckdb.sql(f"""SELECT DISTINCT sweep FROM read_parquet(
         '{tmp_path}/trials/*/*.parquet', union_by_name = true, hive_partitioning = true)""").fetchall()
     assert sweeps == [("s",)]
+
+
+def test_costs_count_each_run_once_and_busy_time_as_the_union_of_trial_intervals(tmp_path):
+    """`raymeta results costs`: concurrent trials count once in busy hours, a gap between two
+    sessions not at all, and a rerun of the same config once among the trials (its time twice)."""
+    store = str(tmp_path)
+    at = "2026-12-07T{}+00:00".format
+    for trial, digest, start, end, status, device in [
+            ("t0", "d0", at("10:00:00"), at("11:00:00"), "failed", "cpu"),
+            ("t0b", "d0", at("11:00:00"), at("11:30:00"), "completed", "cpu"),  # its rerun
+            ("t1", "d1", at("10:30:00"), at("11:15:00"), "completed", "cuda"),  # concurrent
+            ("t2", "d2", at("14:00:00"), at("14:30:00"), "collapsed", "cpu")]:  # next session
+        seconds = (int(end[11:13]) - int(start[11:13])) * 3600 + (int(end[14:16]) - int(start[14:16])) * 60
+        write_trial(store, "a", trial, {**row("mwnet", "uniform", 0.4, 0, 0.9, status),
+                                        "config_digest": digest, "started_at": start,
+                                        "finished_at": end, "wall_seconds": float(seconds),
+                                        "device": device, "gpu_name": "H100" if device == "cuda" else ""},
+                    [])
+    write_trial(store, "b", "u0", {**row("ce", "uniform", 0.4, 0, 0.8), "config_digest": "e0",
+                                   "started_at": at("09:00:00"), "finished_at": at("09:06:00"),
+                                   "wall_seconds": 360.0, "device": "cpu", "gpu_name": ""}, [])
+    table = {r["sweep"]: r for r in query.costs(query.load(store, "trials")).iter_rows(named=True)}
+    a = table["a"]
+    assert (a["trials"], a["completed"], a["collapsed"], a["failed"]) == (3, 2, 1, 0)
+    assert a["devices"] == "H100, cpu"
+    assert a["busy_hours"] == 2.0  # 10:00-11:30 and 14:00-14:30
+    assert a["trial_hours"] == 2.75  # 1 + 0.5 + 0.75 + 0.5: the failed first try cost time too
+    assert (a["first_started"], a["last_finished"]) == ("2026-12-07 10:00", "2026-12-07 14:30")
+    assert table["b"]["busy_hours"] == 0.1 and table["b"]["median_trial_min"] == 6.0

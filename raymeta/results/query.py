@@ -324,6 +324,54 @@ def speed(trials: pl.DataFrame, by: Sequence[str] = ("method.name", "model.name"
             .sort([*by, "famus"]))
 
 
+def costs(trials: pl.DataFrame) -> pl.DataFrame:
+    """What each sweep of a store cost: its trials by status, where they ran, when, and the time
+    they took. `busy_hours` is the time during which at least one of its trials was running
+    (the union of their intervals, so interruptions between sessions do not count and
+    concurrent trials count once); `trial_hours` is the sum of the trials' own wall times,
+    reruns included."""
+    rows = trials.with_columns(
+        pl.col("started_at").str.to_datetime(time_zone="UTC").alias("_start"),
+        pl.col("finished_at").str.to_datetime(time_zone="UTC").alias("_end"))
+    runs = (rows.sort("_end", descending=True, nulls_last=True)
+            .unique(["sweep", "config_digest"], keep="first", maintain_order=True))
+    counts = (runs.group_by("sweep")
+              .agg(pl.len().alias("trials"),
+                   *[(pl.col("status") == s).sum().alias(s)
+                     for s in ("completed", "collapsed", "failed", "stopped")]))
+    device = pl.when(pl.col("gpu_name").fill_null("") != "").then(pl.col("gpu_name")).otherwise(
+        pl.col("device")) if "gpu_name" in rows.columns else pl.col("device")
+    timed = rows.filter(pl.col("_start").is_not_null() & pl.col("_end").is_not_null())
+    spent = (timed.with_columns(device.alias("_device"))
+             .group_by("sweep")
+             .agg(pl.col("_device").unique().sort().str.join(", ").alias("devices"),
+                  pl.col("_start").min().dt.strftime("%Y-%m-%d %H:%M").alias("first_started"),
+                  pl.col("_end").max().dt.strftime("%Y-%m-%d %H:%M").alias("last_finished"),
+                  (pl.col("wall_seconds").sum() / 3600).round(2).alias("trial_hours"),
+                  (pl.col("wall_seconds").median() / 60).round(1).alias("median_trial_min")))
+    groups = timed.partition_by("sweep", as_dict=True)
+    busy = pl.DataFrame({"sweep": [key[0] for key in groups],
+                         "busy_hours": [round(_covered_seconds(g["_start"], g["_end"]) / 3600, 2)
+                                        for g in groups.values()]},
+                        schema={"sweep": pl.String, "busy_hours": pl.Float64})
+    return (counts.join(spent, on="sweep", how="left").join(busy, on="sweep", how="left")
+            .select("sweep", "trials", "completed", "collapsed", "failed", "stopped", "devices",
+                    "first_started", "last_finished", "busy_hours", "trial_hours",
+                    "median_trial_min")
+            .sort("sweep"))
+
+
+def _covered_seconds(starts: pl.Series, ends: pl.Series) -> float:
+    """Length of the union of the intervals [start, end]."""
+    total, reach = 0.0, None
+    for start, end in sorted(zip(starts.to_list(), ends.to_list())):
+        if reach is None or start > reach:
+            total, reach = total + (end - start).total_seconds(), end
+        elif end > reach:
+            total, reach = total + (end - reach).total_seconds(), end
+    return total
+
+
 def curves(store: str, *, sweep: str | None = None, trial_ids: Sequence[str] | None = None,
            metrics: Sequence[str] = ("test_acc",), by: Sequence[str] | None = None) -> pl.DataFrame:
     """Per-epoch curves: of chosen trials (one row per trial and epoch), or averaged over
