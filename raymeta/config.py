@@ -383,6 +383,7 @@ class MLCConfig(_MetaConfig):
     the meta gradient, clamped at 0 and normalised."""
 
     name: Literal["mlc"] = "mlc"
+    plain_ce_until: ClassVar[str | None] = "warmup_epochs"
     meta_lr: float = Field(0.1, gt=0.0)
     """learning rate of T (paper: 1e-2 for CIFAR with its tiny virtual lr; official code 0.11)"""
     t_on_logits: bool = False
@@ -391,6 +392,10 @@ class MLCConfig(_MetaConfig):
     """official code: T restarts from the identity every step; paper (default): T persists"""
     loss_reduction: Literal["mean", "sum"] = "mean"
     """official code sums the corrected loss over the batch; the paper averages"""
+    warmup_epochs: int = Field(0, ge=0)
+    """plain cross-entropy epochs before MLC's own step, T at the identity until then (official
+    code: MLC starts from a model trained 30,000 CE iterations at lr 0.1, which the paper does
+    not describe; 0 = none, the paper)"""
 
 
 class MLNTConfig(_MetaConfig):
@@ -914,6 +919,8 @@ class ExperimentConfig(_Config):
                 del data[section]["options"]
         if dataset["image_size"] is None and dataset["name"] != "imagefolder":
             dataset["image_size"] = 224  # clothing1m's size, the former default
+        if data["method"]["name"] == "mlc" and not data["method"]["warmup_epochs"]:
+            del data["method"]["warmup_epochs"]  # new, at its default
         if not getattr(self.method, "famus", False) or famus["candidates"] is not None \
                 or famus["window"] == "all":
             del famus["window"]  # the window is then what it was before the option existed

@@ -42,7 +42,8 @@ class Transition(nn.Module):
 class MLC(MetaMethod):
     name = "mlc"
     packable = True
-    examples = ({}, {"t_on_logits": True, "reset_t_each_step": True})  # the official code's form
+    examples = ({}, {"t_on_logits": True, "reset_t_each_step": True},  # the official code's form
+                {"warmup_epochs": 1})
 
     def __init__(self, cfg, num_classes, model):
         super().__init__(cfg, num_classes, model)
@@ -53,6 +54,9 @@ class MLC(MetaMethod):
         if self.cfg.loss_reduction == "sum":
             return losses.sum()
         return batch_mean(losses, labels >= 0)
+
+    def takes_meta_step(self) -> bool:
+        return self.epoch >= self.cfg.warmup_epochs  # warm-up: plain cross-entropy, T = I
 
     # METHOD: the three hooks of the bilevel step
     def meta_parameters(self, batch):
