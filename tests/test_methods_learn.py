@@ -38,6 +38,15 @@ def test_mlc_finds_the_flip_targets():
     assert np.allclose(T.sum(axis=0), 1.0, atol=1e-5) and (T >= 0).all()  # the projection holds
 
 
+def test_mlc_warm_up_trains_plain_ce_with_t_at_the_identity_then_learns_t():
+    result = train({"name": "mlc", "warmup_epochs": 2}, "flip_to_one", epochs=4)
+    for curve in result.curves[:2]:  # warm-up: T untouched, no meta step timed
+        assert np.array_equal(np.array(curve["T"]).reshape(10, 10), np.eye(10))
+        assert curve["meta_step_share"] == 0
+    assert not np.allclose(np.array(result.curves[-1]["T"]).reshape(10, 10), np.eye(10))
+    assert result.curves[-1]["meta_step_share"] > 0
+
+
 def test_metalabelnet_soft_labels_recover_true_labels():
     result = train({"name": "metalabelnet", "warmup_epochs": 4}, "flip_to_one")
     after = [c for c in result.curves if c["epoch"] >= 4]
