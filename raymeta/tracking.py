@@ -80,6 +80,16 @@ def _uri(uri: str) -> str:
     return Path(uri).expanduser().resolve().as_uri()
 
 
+def _artifacts_beside(uri: str) -> str | None:
+    """Artifacts of a local sqlite store go beside its database file: MLflow's default is
+    ./mlruns of whatever directory the sweep happens to run from."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri[len(prefix):] in ("", ":memory:"):
+        return None
+    database = Path(uri[len(prefix):].split("?")[0]).expanduser().resolve()
+    return (database.parent / "mlruns").as_uri()
+
+
 class _Mlflow:
     """One MLflow experiment (default: the sweep's name) on a tracking URI."""
 
@@ -97,7 +107,8 @@ class _Mlflow:
                 return
             name = cfg.experiment or sweep
             found = self.client.get_experiment_by_name(name)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(name)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                name, artifact_location=_artifacts_beside(uri))
         except Exception as err:
             text = str(err)
             reason = ("nothing answers there: the connection was refused"

@@ -59,6 +59,8 @@ def test_a_chained_sweep_is_logged_to_mlflow_one_run_per_cell(ray_session, tmp_p
         # list-valued metrics (per-class accuracy, MLC's T) are an artifact, not scalars
         saved = client.download_artifacts(run.info.run_id, "list_metrics.json", str(tmp_path))
         lists = json.loads(Path(saved).read_text())
+        # beside the database, not in ./mlruns of whatever directory the sweep ran from
+        assert run.info.artifact_uri.startswith((tmp_path / "mlruns").as_uri())
         assert [epoch for epoch, _ in lists["test_class_acc"]] == [0, 1, 2]
         assert ("T" in lists) == (row["method.name"] == "mlc")
         assert "T" not in run.data.metrics and "test_class_acc" not in run.data.metrics
