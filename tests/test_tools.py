@@ -79,14 +79,41 @@ def test_bench_sweep_compares_the_driver_with_bare_tune():
     assert "raymeta sweep, cells_per_trial 4: slots idle" in proc.stdout and "between the cells of a chain" in proc.stdout
 
 
-def test_fidelity_table_sets_each_fast_setting_beside_its_full_method():
+def _fidelity_table_tool():
     import importlib.util
-
-    import polars as pl
 
     spec = importlib.util.spec_from_file_location("fidelity_table", ROOT / "tools" / "fidelity_table.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_fidelity_table_keeps_each_mlc_form_and_beta_in_a_row_of_its_own():
+    import polars as pl
+
+    rows = [  # (method, MLC's code form, beta, seed, final accuracy)
+        ("ce", False, None, 0, 0.97), ("mlc", False, 1.0, 0, 0.94), ("mlc", True, 1.0, 0, 0.975),
+        ("mlc", False, 0.003, 0, 0.976), ("mlc", False, 0.003, 1, 0.978)]
+    trials = pl.DataFrame([{
+        "config_digest": f"d{i}", "trial_id": f"t{i}", "status": "completed", "finished_at": "x",
+        "noise.type": "uniform", "noise.rate": 0.4, "method.name": name, "method": name,
+        "method.t_on_logits": code, "method.reset_t_each_step": code, "method.meta_lr": beta,
+        "final_test_acc": acc, "seed": seed} for i, (name, code, beta, seed, acc) in enumerate(rows)])
+    lines = [line for line in _fidelity_table_tool().table(trials, "final").splitlines()
+             if "| uniform |" in line]
+    paper = "/ 98.47"  # MLC's paper number stands beside each of its forms
+    assert lines == [
+        "| CE | uniform | — / 98.59 | — / 98.39 | — / 98.27 | 97.00 ± 0.00 (1) / 98.02 (-1.02) |",
+        f"| MLC | uniform | — / 98.98 | — / 98.80 | — / 98.64 | 94.00 ± 0.00 (1) {paper} (-4.47) |",
+        f"| MLC (code) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | 97.50 ± 0.00 (1) {paper} (-0.97) |",
+        "| MLC (beta 0.003) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | "
+        f"97.70 ± 0.14 (2) {paper} (-0.77) |"]
+
+
+def test_fidelity_table_sets_each_fast_setting_beside_its_full_method():
+    import polars as pl
+
+    tool = _fidelity_table_tool()
     rows = [  # (method, famus, MLC's code form, meta interval, seed, noise rate, final accuracy)
         ("mwnet", True, False, 2, 0, 0.4, 0.97), ("mwnet", True, False, 2, 1, 0.4, 0.98),
         ("mwnet", True, False, 4, 0, 0.4, 0.96),  # another fast setting: a row of its own

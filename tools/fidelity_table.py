@@ -3,7 +3,8 @@
     python tools/fidelity_table.py --store results [--metric peak]
 
 Rows come from the sweeps mnist-mlc-table1 (CE, L2R, MLC as the paper writes it),
-mnist-mlc-table1-code (MLC as its official code runs it: "MLC (code)"),
+mnist-mlc-table1-code (MLC as its official code runs it: "MLC (code)"), mnist-mlc-table1-beta
+(the paper's MLC at the beta chosen on the meta set: "MLC (beta 0.003)"),
 mnist-mlc-table1-baselines (Forward, GLC) and mnist-coteaching; --sweep picks others. Forward
 and GLC train in two stages, the first of which is CE's run: read their final accuracy (their
 peak may be the first stage's).
@@ -45,18 +46,34 @@ PAPER = {  # MLC Table 1, MNIST, test accuracy %: noise -> the 10/20/30/40% cell
 LABELS = {"ce": "CE", "mwnet": "MW-Net", "metalabelnet": "MetaLabelNet", "l2r": "L2R (LRE)",
           "mlc": "MLC", "mlc-code": "MLC (code)",
           "forward": "Forward", "glc": "GLC", "coteaching": "Co-teaching"}
-SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-code", "mnist-mlc-table1-baselines",
-          "mnist-coteaching")
+SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-code", "mnist-mlc-table1-beta",
+          "mnist-mlc-table1-baselines", "mnist-coteaching")
 
 
 def with_variant(trials: pl.DataFrame) -> pl.DataFrame:
-    """`method` names MLC's official-code form (T on logits, reset every step) apart."""
+    """`method` names MLC's official-code form (T on logits, reset every step) apart, and the
+    paper's form at another beta than the paper's 1 ("mlc@0.003")."""
     if "method.t_on_logits" not in trials.columns:
         return trials
-    code = (pl.col("method.name") == "mlc") & pl.col("method.t_on_logits").fill_null(False) \
+    mlc = pl.col("method.name") == "mlc"
+    code = mlc & pl.col("method.t_on_logits").fill_null(False) \
         & pl.col("method.reset_t_each_step").fill_null(False)
-    return trials.with_columns(pl.when(code).then(pl.lit("mlc-code")).otherwise(pl.col("method"))
-                               .alias("method"))
+    method = pl.col("method")
+    if "method.meta_lr" in trials.columns:
+        beta = pl.col("method.meta_lr")
+        method = pl.when(mlc & (beta != 1.0)).then(pl.lit("mlc@") + beta.round(6).cast(pl.String)) \
+            .otherwise(method)
+    return trials.with_columns(pl.when(code).then(pl.lit("mlc-code")).otherwise(method).alias("method"))
+
+
+def paper_row(method: str) -> dict:
+    """The paper's numbers for one of our rows: MLC's variants compare with MLC's."""
+    return PAPER.get(method.split("@")[0].removesuffix("-code"), {})
+
+
+def label(method: str) -> str:
+    base, _, beta = method.partition("@")
+    return f"{LABELS.get(base, base)} (beta {beta})" if beta else LABELS.get(method, method)
 
 
 def seed_stats(done: pl.DataFrame, metric: str, keys) -> pl.DataFrame:
@@ -79,22 +96,25 @@ def table(trials: pl.DataFrame, metric: str) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = ("ce", "l2r", "mlc", "mlc-code", "forward", "glc", "coteaching")
     methods = [m for m in order if m in set(stats["method"])]
+    variants = sorted(m for m in set(stats["method"]) - set(methods) if m.startswith("mlc@"))
+    at = methods.index("mlc-code") + 1 if "mlc-code" in methods else len(methods)
+    methods[at:at] = variants
     methods += sorted(set(stats["method"]) - set(methods))
     for noise in NOISE:
         for method in methods:
-            if noise not in PAPER.get(method.removesuffix("-code"), {}) and not any(
+            if noise not in paper_row(method) and not any(
                     (method, noise, rate) in found for rate in RATES):
                 continue  # a cell neither the paper nor we have (Co-teaching's are few)
             cells = []
             for i, rate in enumerate(RATES):
                 ours = found.get((method, noise, rate))
-                paper = PAPER.get(method.removesuffix("-code"), {}).get(noise, (None,) * 4)[i]
+                paper = paper_row(method).get(noise, (None,) * 4)[i]
                 text = cell_text(ours)
                 if paper is not None:
                     diff = "" if ours is None else f" ({ours['mean'] - paper:+.2f})"
                     text += f" / {paper:.2f}{diff}"
                 cells.append(text)
-            lines.append(f"| {LABELS.get(method, method)} | {noise} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label(method)} | {noise} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
