@@ -289,6 +289,8 @@ def sweep(sweep_file: str, address: str | None, store: str | None, resume: bool,
                    f"samples in each of {len(search_cells)} cells (chosen on {search.metric}, "
                    f"{search.at} epoch; each sample trains {len(cells) // len(search_cells)} "
                    f"seed(s)); {then} -> {_shown(spec.store)}")
+        if search.random_only:
+            click.echo(search.random_only)
         if dry_run:
             for key, dist in search.space.items():
                 click.echo(f"  search {key}: {dist}")
@@ -417,6 +419,8 @@ def validate(paths: tuple[str, ...], address: str | None) -> None:
                 _preflight([c.config for c in cells], spec.store, spec.resources, address,
                            f"sweep '{spec.name}'")
                 click.echo(f"{path}: ok, sweep with {what}")
+                if spec.search is not None and spec.search.random_only:
+                    click.echo(spec.search.random_only)
             else:
                 if not isinstance(data, dict):
                     raise ConfigError(f"{path}: expected a mapping of config sections (dataset, "

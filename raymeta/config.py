@@ -1090,6 +1090,21 @@ class SearchConfig(_Config):
     def mode(self) -> Literal["max", "min"]:
         return "max" if self.metric.endswith("_acc") else "min"
 
+    @property
+    def random_only(self) -> str | None:
+        """Why an optuna search is a random one, or None: TPE proposes only after its random
+        start, so with as few samples (the default 8 among them) every sample is a random draw."""
+        if self.algorithm != "optuna" or self.num_samples > TPE_RANDOM_START:
+            return None
+        return (f"note: Optuna's TPE draws its first {TPE_RANDOM_START} samples at random, so all "
+                f"{self.num_samples} samples of each cell are random draws; give num_samples above "
+                f"{TPE_RANDOM_START} for TPE to choose the later ones, or say algorithm: random")
+
+
+TPE_RANDOM_START = 10
+"""samples Optuna's TPESampler draws at random before it models the results (its
+n_startup_trials default, which Ray Tune's OptunaSearch keeps)"""
+
 
 class MlflowTracking(_Config):
     uri: str = "sqlite:///mlflow.db"

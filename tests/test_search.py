@@ -7,6 +7,7 @@ import sys
 
 import polars as pl
 import pytest
+import yaml
 from click.testing import CliRunner
 from conftest import tiny_experiment
 
@@ -127,6 +128,25 @@ def test_bad_searches_are_refused_with_the_fix(tmp_path, search, expected):
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
         spec = _spec(tmp_path, search)
         plan(spec, expand(spec))
+
+
+@pytest.mark.parametrize("algorithm, samples, random_only", [
+    ("optuna", 8, True), ("optuna", 10, True), ("optuna", 11, False), ("random", 8, False)])
+def test_an_optuna_search_too_short_for_tpe_says_its_samples_are_random(
+        tmp_path, algorithm, samples, random_only):
+    """Optuna's TPE draws its first 10 samples at random: a search of 8 (the default) never
+    uses it, which a user reading `algorithm: optuna` would not guess."""
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "srch", "store": str(tmp_path / "store"),
+        "base": tiny_experiment(method={"name": "mwnet"}, noise={"type": "uniform", "rate": 0.4}),
+        "grid": {"seed": [0]}, "search": {"space": {"method.meta_lr": {"loguniform": [1e-3, 1.0]}},
+                                          "algorithm": algorithm, "num_samples": samples}}))
+    for command in (["sweep", str(path), "--dry-run"], ["validate", str(path)]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 0, result.output
+        said = f"all {samples} samples of each cell are random draws" in result.output
+        assert said == random_only, result.output
 
 
 def test_a_searched_key_the_method_never_reads_is_refused(tmp_path):
