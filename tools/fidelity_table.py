@@ -58,17 +58,18 @@ def with_variant(trials: pl.DataFrame) -> pl.DataFrame:
     mlc = pl.col("method.name") == "mlc"
     code = mlc & pl.col("method.t_on_logits").fill_null(False) \
         & pl.col("method.reset_t_each_step").fill_null(False)
-    method = pl.col("method")
+    method = pl.col("method")  # "mlc", or "mlc+famus" where FaMUS is on
     if "method.meta_lr" in trials.columns:
         beta = pl.col("method.meta_lr")
-        method = pl.when(mlc & (beta != 1.0)).then(pl.lit("mlc@") + beta.round(6).cast(pl.String)) \
+        method = pl.when(mlc & (beta != 1.0)).then(method + "@" + beta.round(6).cast(pl.String)) \
             .otherwise(method)
-    return trials.with_columns(pl.when(code).then(pl.lit("mlc-code")).otherwise(method).alias("method"))
+    return trials.with_columns(pl.when(code).then(pl.col("method").str.replace("mlc", "mlc-code"))
+                               .otherwise(method).alias("method"))
 
 
 def paper_row(method: str) -> dict:
     """The paper's numbers for one of our rows: MLC's variants compare with MLC's."""
-    return PAPER.get(method.split("@")[0].removesuffix("-code"), {})
+    return PAPER.get(method.split("@")[0].split("+")[0].removesuffix("-code"), {})
 
 
 def label(method: str) -> str:
