@@ -420,7 +420,7 @@ def validate(paths: tuple[str, ...], address: str | None) -> None:
                            f"sweep '{spec.name}'")
                 click.echo(f"{path}: ok, sweep with {what}")
                 if spec.search is not None and spec.search.random_only:
-                    click.echo(spec.search.random_only)
+                    click.echo(f"{path}: {spec.search.random_only}")
             else:
                 if not isinstance(data, dict):
                     raise ConfigError(f"{path}: expected a mapping of config sections (dataset, "
