@@ -94,12 +94,13 @@ def test_fidelity_table_keeps_each_mlc_form_and_beta_in_a_row_of_its_own():
     rows = [  # (method, its label, MLC's code form, beta, seed, final accuracy)
         ("ce", "ce", False, None, 0, 0.97), ("mlc", "mlc", False, 1.0, 0, 0.94),
         ("mlc", "mlc", True, 1.0, 0, 0.975), ("mlc", "mlc", False, 0.003, 0, 0.976),
-        ("mlc", "mlc", False, 0.003, 1, 0.978), ("mlc", "mlc+famus", False, 0.1, 0, 0.97)]
+        ("mlc", "mlc", False, 0.003, 1, 0.978), ("mlc", "mlc+famus", False, 0.1, 0, 0.97),
+        ("mlc", "mlc", False, 0.003, 2, 0.10)]  # collapsed: out of the mean, but in the cell
     trials = pl.DataFrame([{
-        "config_digest": f"d{i}", "trial_id": f"t{i}", "status": "completed", "finished_at": "x",
+        "config_digest": f"d{i}", "trial_id": f"t{i}", "finished_at": "x",
         "noise.type": "uniform", "noise.rate": 0.4, "method.name": name, "method": label,
         "method.t_on_logits": code, "method.reset_t_each_step": code, "method.meta_lr": beta,
-        "final_test_acc": acc, "seed": seed}
+        "final_test_acc": acc, "seed": seed, "status": "collapsed" if acc < 0.5 else "completed"}
         for i, (name, label, code, beta, seed, acc) in enumerate(rows)])
     lines = [line for line in _fidelity_table_tool().table(trials, "final").splitlines()
              if "| uniform |" in line]
@@ -109,7 +110,7 @@ def test_fidelity_table_keeps_each_mlc_form_and_beta_in_a_row_of_its_own():
         f"| MLC | uniform | — / 98.98 | — / 98.80 | — / 98.64 | 94.00 ± 0.00 (1) {paper} (-4.47) |",
         f"| MLC (code) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | 97.50 ± 0.00 (1) {paper} (-0.97) |",
         "| MLC (beta 0.003) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | "
-        f"97.70 ± 0.14 (2) {paper} (-0.77) |",
+        f"97.70 ± 0.14 (2) + 1 collapsed {paper} (-0.77) |",
         "| mlc+famus (beta 0.1) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | "
         f"97.00 ± 0.00 (1) {paper} (-1.47) |"]
 

@@ -84,33 +84,41 @@ def seed_stats(done: pl.DataFrame, metric: str, keys) -> pl.DataFrame:
                                     (pl.col(column).std() * 100).alias("std"), pl.len().alias("n"))
 
 
-def cell_text(stats: dict | None) -> str:
-    return "—" if stats is None else f"{stats['mean']:.2f} ± {stats['std'] or 0:.2f} ({stats['n']})"
+def cell_text(stats: dict | None, collapsed: int = 0) -> str:
+    text = "—" if stats is None else f"{stats['mean']:.2f} ± {stats['std'] or 0:.2f} ({stats['n']})"
+    # a collapsed run is left out of the mean, but the cell says it ran (never a bare "—")
+    return text if not collapsed else f"{text} + {collapsed} collapsed"
 
 
 def table(trials: pl.DataFrame, metric: str) -> str:
-    done = with_variant(query.unique_runs(trials, quiet=True).filter(pl.col("status") == "completed"))
+    runs = with_variant(query.unique_runs(trials, quiet=True))
+    done = runs.filter(pl.col("status") == "completed")
     stats = seed_stats(done, metric, ("method", "noise.type", "noise.rate"))
     found = {(r["method"], r["noise.type"], round(r["noise.rate"], 2)): r
              for r in stats.iter_rows(named=True)}
+    collapsed = {(r["method"], r["noise.type"], round(r["noise.rate"], 2)): r["len"] for r in
+                 runs.filter(pl.col("status") == "collapsed")
+                 .group_by("method", "noise.type", "noise.rate").len().iter_rows(named=True)}
     header = ["method", "noise", *(f"{int(100 * r)}%" for r in RATES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = ("ce", "l2r", "mlc", "mlc-code", "forward", "glc", "coteaching")
-    methods = [m for m in order if m in set(stats["method"])]
-    variants = sorted(m for m in set(stats["method"]) - set(methods) if m.startswith("mlc@"))
+    present = set(stats["method"]) | {key[0] for key in collapsed}
+    methods = [m for m in order if m in present]
+    variants = sorted(m for m in present - set(methods) if m.startswith("mlc@"))
     at = methods.index("mlc-code") + 1 if "mlc-code" in methods else len(methods)
     methods[at:at] = variants
-    methods += sorted(set(stats["method"]) - set(methods))
+    methods += sorted(present - set(methods))
     for noise in NOISE:
         for method in methods:
             if noise not in paper_row(method) and not any(
-                    (method, noise, rate) in found for rate in RATES):
+                    (method, noise, rate) in found or (method, noise, rate) in collapsed
+                    for rate in RATES):
                 continue  # a cell neither the paper nor we have (Co-teaching's are few)
             cells = []
             for i, rate in enumerate(RATES):
                 ours = found.get((method, noise, rate))
                 paper = paper_row(method).get(noise, (None,) * 4)[i]
-                text = cell_text(ours)
+                text = cell_text(ours, collapsed.get((method, noise, rate), 0))
                 if paper is not None:
                     diff = "" if ours is None else f" ({ours['mean'] - paper:+.2f})"
                     text += f" / {paper:.2f}{diff}"
