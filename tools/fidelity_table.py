@@ -77,32 +77,35 @@ def label(method: str) -> str:
     return f"{LABELS.get(base, base)} (beta {beta})" if beta else LABELS.get(method, method)
 
 
-def seed_stats(done: pl.DataFrame, metric: str, keys) -> pl.DataFrame:
-    """Mean and std (in percent) and the number of seeds of `metric` for each group of `keys`."""
+def seed_stats(runs: pl.DataFrame, metric: str, keys) -> pl.DataFrame:
+    """For each group of `keys`: mean and std (in percent) and the number of seeds of `metric`
+    over its completed runs, and how many of its runs collapsed."""
     column = query.METRICS.get(metric, metric)
-    return done.group_by(*keys).agg((pl.col(column).mean() * 100).alias("mean"),
-                                    (pl.col(column).std() * 100).alias("std"), pl.len().alias("n"))
+    ok = pl.col("status") == "completed"
+    return runs.group_by(*keys).agg((pl.col(column).filter(ok).mean() * 100).alias("mean"),
+                                    (pl.col(column).filter(ok).std() * 100).alias("std"),
+                                    ok.sum().alias("n"),
+                                    (pl.col("status") == "collapsed").sum().alias("collapsed"))
 
 
-def cell_text(stats: dict | None, collapsed: int = 0) -> str:
-    text = "—" if stats is None else f"{stats['mean']:.2f} ± {stats['std'] or 0:.2f} ({stats['n']})"
+def cell_text(stats: dict | None) -> str:
+    if stats is None:
+        return "—"
+    text = "—" if not stats["n"] else f"{stats['mean']:.2f} ± {stats['std'] or 0:.2f} ({stats['n']})"
     # a collapsed run is left out of the mean, but the cell says it ran (never a bare "—")
-    return text if not collapsed else f"{text} + {collapsed} collapsed"
+    return f"{text} + {stats['collapsed']} collapsed" if stats["collapsed"] else text
 
 
 def table(trials: pl.DataFrame, metric: str) -> str:
-    runs = with_variant(query.unique_runs(trials, quiet=True))
-    done = runs.filter(pl.col("status") == "completed")
-    stats = seed_stats(done, metric, ("method", "noise.type", "noise.rate"))
+    runs = with_variant(query.unique_runs(trials, quiet=True)).filter(
+        pl.col("status").is_in(["completed", "collapsed"]))
+    stats = seed_stats(runs, metric, ("method", "noise.type", "noise.rate"))
     found = {(r["method"], r["noise.type"], round(r["noise.rate"], 2)): r
              for r in stats.iter_rows(named=True)}
-    collapsed = {(r["method"], r["noise.type"], round(r["noise.rate"], 2)): r["len"] for r in
-                 runs.filter(pl.col("status") == "collapsed")
-                 .group_by("method", "noise.type", "noise.rate").len().iter_rows(named=True)}
     header = ["method", "noise", *(f"{int(100 * r)}%" for r in RATES)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = ("ce", "l2r", "mlc", "mlc-code", "forward", "glc", "coteaching")
-    present = set(stats["method"]) | {key[0] for key in collapsed}
+    present = set(stats["method"])
     methods = [m for m in order if m in present]
     variants = sorted(m for m in present - set(methods) if m.startswith("mlc@"))
     at = methods.index("mlc-code") + 1 if "mlc-code" in methods else len(methods)
@@ -111,16 +114,15 @@ def table(trials: pl.DataFrame, metric: str) -> str:
     for noise in NOISE:
         for method in methods:
             if noise not in paper_row(method) and not any(
-                    (method, noise, rate) in found or (method, noise, rate) in collapsed
-                    for rate in RATES):
+                    (method, noise, rate) in found for rate in RATES):
                 continue  # a cell neither the paper nor we have (Co-teaching's are few)
             cells = []
             for i, rate in enumerate(RATES):
                 ours = found.get((method, noise, rate))
                 paper = paper_row(method).get(noise, (None,) * 4)[i]
-                text = cell_text(ours, collapsed.get((method, noise, rate), 0))
+                text = cell_text(ours)
                 if paper is not None:
-                    diff = "" if ours is None else f" ({ours['mean'] - paper:+.2f})"
+                    diff = "" if ours is None or not ours["n"] else f" ({ours['mean'] - paper:+.2f})"
                     text += f" / {paper:.2f}{diff}"
                 cells.append(text)
             lines.append(f"| {label(method)} | {noise} | " + " | ".join(cells) + " |")
