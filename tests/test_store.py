@@ -71,6 +71,18 @@ def test_checkpoint_upload_is_one_whole_object(s3_server, tmp_path):
     assert checkpoint.fs.get_file_info(checkpoint.file).size == (scratch / "checkpoint.pt").stat().st_size
 
 
+def test_a_curve_metric_that_starts_after_the_first_epoch_is_kept(tmp_path):
+    # MetaLabelNet reports its soft labels' agreement only after its warm-up, MLC its T only
+    # once it learns one: the stored curves must keep them, not the first epoch's columns only
+    curves = [{"epoch": 0, "test_acc": 0.5},
+              {"epoch": 1, "test_acc": 0.6, "train_soft_agrees_true": 0.9, "T": [1.0, 0.0]},
+              {"epoch": 2, "test_acc": 0.7, "train_soft_agrees_true": 0.95, "T": [0.9, 0.1]}]
+    store.write_trial(str(tmp_path), "sw", "t1", {"status": "completed"}, curves)
+    read = query.curves(str(tmp_path), sweep="sw", metrics=("train_soft_agrees_true", "T"))
+    assert read["train_soft_agrees_true"].to_list() == [None, 0.9, 0.95]
+    assert read["T"].to_list() == [None, [1.0, 0.0], [0.9, 0.1]]
+
+
 def test_a_full_disk_is_a_storage_error_naming_the_store(tmp_path):
     assert is_storage_failure(OSError(28, "No space left on device"))
     assert is_storage_failure(OSError("Error writing bytes to file. Detail: [errno 122] Disk quota"))

@@ -220,8 +220,11 @@ def write_rows(store: str, table: str, sweep: str, trial_id: str, rows: list[dic
     fs, _ = filesystem(store)
     final = f"{table_dir(store, table, sweep)}/{trial_id}.parquet"
     lists = table == "curves"
+    # every key of every row: pyarrow would take the columns from the first row alone, and drop
+    # a metric that starts later (MetaLabelNet's soft-label agreement after its warm-up)
+    columns = dict.fromkeys(key for row in rows for key in row)
     try:
-        write_parquet(fs, final, pa.Table.from_pylist([{k: _scalar(v, lists) for k, v in row.items()}
+        write_parquet(fs, final, pa.Table.from_pylist([{k: _scalar(row.get(k), lists) for k in columns}
                                                        for row in rows]))
     except OSError as err:  # a full disk, a quota, no permission: StorageError, not retried
         if (failure := storage_error(err, store, f"the {table} of trial {trial_id}")) is not None:
