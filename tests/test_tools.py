@@ -111,7 +111,7 @@ def test_fidelity_table_keeps_each_mlc_form_and_beta_in_a_row_of_its_own():
         f"| MLC (code) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | 97.50 ± 0.00 (1) {paper} (-0.97) |",
         "| MLC (beta 0.003) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | "
         f"97.70 ± 0.14 (2) + 1 collapsed {paper} (-0.77) |",
-        "| mlc+famus (beta 0.1) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | "
+        "| MLC + FaMUS (beta 0.1) | uniform | — / 98.98 | — / 98.80 | — / 98.64 | "
         f"97.00 ± 0.00 (1) {paper} (-1.47) |"]
 
 
@@ -136,3 +136,28 @@ def test_fidelity_table_sets_each_fast_setting_beside_its_full_method():
         "| MW-Net | every 2, meta batch 100 | uniform 40% | 97.50 ± 0.71 (2) | 99.00 ± 0.00 (1) | -1.50 |",
         "| MW-Net | every 4, meta batch 100 | uniform 40% | 96.00 ± 0.00 (1) | 99.00 ± 0.00 (1) | -3.00 |",
         "| MLC (code) | every 1, meta batch 100 | uniform 40% | 96.00 ± 0.00 (1) | 95.00 ± 0.00 (1) | +1.00 |"]
+
+
+def test_fidelity_table_extra_rows_give_each_setting_a_row_and_each_cell_its_gap_to_ce():
+    import polars as pl
+
+    rows = [  # (method label, meta interval, warm-up, momentum, noise rate, seed, final accuracy)
+        ("ce", None, None, 0.0, 0.3, 0, 0.97), ("ce", None, None, 0.0, 0.4, 0, 0.95),
+        ("ce", None, None, 0.0, 0.4, 1, 0.97), ("ce", None, None, 0.9, 0.4, 0, 0.99),  # on another optimizer
+        ("metalabelnet", 1, 6, 0.9, 0.4, 0, 0.99),  # on another optimizer: not this table's
+        ("mwnet", 1, None, 0.0, 0.4, 0, 0.94), ("mwnet+famus", 4, None, 0.0, 0.4, 0, 0.975),
+        ("mwnet+famus", 4, None, 0.0, 0.2, 0, 0.99),  # not a column of this table
+        ("metalabelnet", 1, 5, 0.0, 0.3, 0, 0.95), ("metalabelnet", 1, 8, 0.0, 0.3, 0, 0.98)]
+    trials = pl.DataFrame([{
+        "config_digest": f"d{i}", "trial_id": f"t{i}", "status": "completed", "finished_at": "x",
+        "noise.type": "uniform", "noise.rate": rate, "method.name": label.split("+")[0],
+        "method": label, "method.meta_interval": every, "method.warmup_epochs": warmup,
+        "optimizer.momentum": momentum, "train.meta_batch_size": 100, "final_test_acc": acc,
+        "seed": seed} for i, (label, every, warmup, momentum, rate, seed, acc) in enumerate(rows)])
+    lines = _fidelity_table_tool().extra_table(trials, "final").splitlines()
+    assert lines[2:] == [
+        "| CE | full | uniform | 97.00 ± 0.00 (1) | 96.00 ± 1.41 (2) |",
+        "| MW-Net | full | uniform | — | 94.00 ± 0.00 (1) [-2.00] |",
+        "| MW-Net + FaMUS | every 4 | uniform | — | 97.50 ± 0.00 (1) [+1.50] |",
+        "| MetaLabelNet | warm-up 5 | uniform | 95.00 ± 0.00 (1) [-2.00] | — |",
+        "| MetaLabelNet | warm-up 8 | uniform | 98.00 ± 0.00 (1) [+1.00] | — |"]

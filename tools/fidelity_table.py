@@ -9,6 +9,9 @@ mnist-mlc-table1-baselines (Forward, GLC) and mnist-coteaching; --sweep picks ot
 and GLC train in two stages, the first of which is CE's run: read their final accuracy (their
 peak may be the first stage's).
 
+`--extra` prints the rows no paper has published (MW-Net, MetaLabelNet, each meta method with
+FaMUS) in the 30% and 40% columns, each setting a row, each cell with its difference to CE.
+
 `--cheap` prints instead each meta method's fast setting (FaMUS on the classifier only,
 sweeps/mnist-cheap-meta.yaml) beside the full method on the 40% column (issue 16, part 2).
 
@@ -74,7 +77,9 @@ def paper_row(method: str) -> dict:
 
 def label(method: str) -> str:
     base, _, beta = method.partition("@")
-    return f"{LABELS.get(base, base)} (beta {beta})" if beta else LABELS.get(method, method)
+    name = base.removesuffix("+famus")
+    text = LABELS.get(name, name) + (" + FaMUS" if name != base else "")
+    return f"{text} (beta {beta})" if beta else text
 
 
 def seed_stats(runs: pl.DataFrame, metric: str, keys) -> pl.DataFrame:
@@ -164,20 +169,77 @@ def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
     return "\n".join(lines)
 
 
+EXTRA_SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-beta", "mnist-cheap-meta", "mnist-cheap-meta-2",
+                "mnist-cheap-meta-3", "mnist-extra-rows", "mnist-metalabelnet-warmup")
+
+
+def extra_table(trials: pl.DataFrame, metric: str, rates=(0.3, 0.4)) -> str:
+    """The rows no paper has published (MW-Net, MetaLabelNet, and each meta method with FaMUS)
+    at `rates`, each setting a row of its own, each cell with its difference to CE's there."""
+    runs = with_variant(query.unique_runs(trials, quiet=True)).filter(
+        pl.col("status").is_in(["completed", "collapsed"])
+        & pl.any_horizontal([(pl.col("noise.rate") - r).abs() < 1e-9 for r in rates]))
+    runs = runs.with_columns(pl.col("noise.rate").round(2),
+                             *(pl.col(c).fill_null(d).alias(c) for c, d in (
+                                 ("method.meta_interval", 1), ("train.meta_batch_size", 100),
+                                 ("method.warmup_epochs", 0), ("optimizer.momentum", 0.0))
+                               if c in runs.columns))
+    setting = [c for c in ("method.meta_interval", "train.meta_batch_size", "method.warmup_epochs",
+                           "optimizer.momentum") if c in runs.columns]
+    stats = seed_stats(runs, metric, ("method", *setting, "noise.type", "noise.rate"))
+    ce = {(r["noise.type"], r["noise.rate"]): r for r in stats.iter_rows(named=True)
+          if r["method"] == "ce" and not r.get("optimizer.momentum")}  # the table's optimizer
+    found = {tuple(r[k] for k in ("method", *setting, "noise.type", "noise.rate")): r
+             for r in stats.iter_rows(named=True)}
+    order = {m: i for i, m in enumerate(("ce", "mwnet", "l2r", "mlc", "metalabelnet"))}
+    rows = sorted({tuple(r[k] for k in ("method", *setting)) for r in stats.iter_rows(named=True)},
+                  key=lambda r: (order.get(r[0].split("@")[0].split("+")[0].removesuffix("-code"), 9), r))
+    header = ["method", "setting", "noise", *(f"{int(100 * r)}%" for r in rates)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        values = dict(zip(setting, row[1:]))
+        if values.get("optimizer.momentum"):
+            continue  # another optimizer than the table's: its own sweep compares it with CE
+        every = values.get("method.meta_interval", 1)
+        details = [f"every {every}"] if every > 1 else []
+        if values.get("train.meta_batch_size", 100) != 100 and row[0] != "ce":
+            details.append(f"meta batch {values['train.meta_batch_size']}")
+        if values.get("method.warmup_epochs"):
+            details.append(f"warm-up {values['method.warmup_epochs']}")
+        for noise in NOISE:
+            cells = []
+            for rate in rates:
+                ours, base = found.get((*row, noise, rate)), ce.get((noise, rate))
+                text = cell_text(ours)
+                if row[0] != "ce" and ours is not None and ours["n"] and base is not None and base["n"]:
+                    text += f" [{ours['mean'] - base['mean']:+.2f}]"
+                cells.append(text)
+            if set(cells) == {"—"}:
+                continue
+            lines.append(f"| {label(row[0])} | {', '.join(details) or 'full'} | {noise} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results")
     parser.add_argument("--sweep", action="append", help=f"a sweep to read (repeat; default: {', '.join(SWEEPS)})")
     parser.add_argument("--metric", default="peak", help="peak | final | best_meta")
+    parser.add_argument("--extra", action="store_true",
+                        help=f"the rows no paper has published, 30%% and 40%% columns, each cell's "
+                             f"difference to CE in brackets (default sweeps: {', '.join(EXTRA_SWEEPS)})")
     parser.add_argument("--cheap", action="store_true",
                         help=f"each meta method's fast setting beside the full method, 40%% column "
                              f"(default sweeps: {', '.join(CHEAP_SWEEPS)})")
     args = parser.parse_args()
     print(f"{args.metric} test accuracy, mean ± std (seeds)"
-          + (", fast setting and full method" if args.cheap else " / paper, ours - paper")
+          + (" [ours - CE]" if args.extra else ", fast setting and full method" if args.cheap
+             else " / paper, ours - paper")
           + "; MNIST (official files)\n")
     frames = []
-    for name in args.sweep or (CHEAP_SWEEPS if args.cheap else SWEEPS):
+    defaults = EXTRA_SWEEPS if args.extra else CHEAP_SWEEPS if args.cheap else SWEEPS
+    for name in args.sweep or defaults:
         try:
             frames.append(query.load(args.store, "trials", name))
         except ConfigError as error:  # a sweep not started yet: its rows are "—"
@@ -185,7 +247,10 @@ def main() -> None:
     if not frames:
         raise SystemExit("no rows of any sweep in the store yet")
     trials = pl.concat(frames, how="diagonal_relaxed")
-    print(cheap_table(trials, args.metric) if args.cheap else table(trials, args.metric))
+    if args.extra:
+        print(extra_table(trials, args.metric))
+    else:
+        print(cheap_table(trials, args.metric) if args.cheap else table(trials, args.metric))
 
 
 if __name__ == "__main__":
