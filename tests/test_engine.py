@@ -60,6 +60,28 @@ def test_plain_sgd_virtual_step():
         torch.testing.assert_close(virtual[name], p - 0.5 * g)
 
 
+@pytest.mark.parametrize("method", ["metalabelnet", "mlnt"])
+def test_fixed_size_virtual_steps_are_plain_gradient_steps_under_momentum(method):
+    """MetaLabelNet's step of 1 and MLNT's of 0.2 are their official code's plain gradient steps:
+    mirroring an optimizer with momentum at that size would step about ten times further."""
+    cfg = parse_experiment({"optimizer": {"lr": 0.01, "momentum": 0.9}, "train": {"epochs": 50},
+                            "method": {"name": method}})
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    engine = Engine(model, optimizer)
+    for step in range(3):  # fill the momentum buffer
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(batch(8, step).x), batch(8, step).y).backward()
+        optimizer.step()
+    b = batch(8, 9)
+    loss = torch.nn.functional.cross_entropy(model(b.x), b.y)
+    grads = torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)
+    virtual = engine.virtual_params(loss, cfg.method.virtual_lr, cfg.method.virtual_step,
+                                    create_graph=False)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(virtual[name], p - cfg.method.virtual_lr * g)
+
+
 def central_difference(f, flat: torch.Tensor, i: int, h: float = 1e-6) -> float:
     """(f(x + h e_i) - f(x - h e_i)) / 2h, perturbing entry i of `flat` in place and restoring it."""
     saved = flat[i].item()
