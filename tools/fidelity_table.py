@@ -170,7 +170,8 @@ def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
 
 
 EXTRA_SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-beta", "mnist-cheap-meta", "mnist-cheap-meta-2",
-                "mnist-cheap-meta-3", "mnist-extra-rows", "mnist-metalabelnet-warmup")
+                "mnist-cheap-meta-3", "mnist-metalabelnet-flip-seeds", "mnist-extra-rows",
+                "mnist-metalabelnet-warmup")
 
 
 def extra_table(trials: pl.DataFrame, metric: str, rates=(0.3, 0.4)) -> str:
