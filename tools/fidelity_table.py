@@ -70,9 +70,14 @@ def with_variant(trials: pl.DataFrame) -> pl.DataFrame:
                                .otherwise(method).alias("method"))
 
 
+def base_method(method: str) -> str:
+    """The method a row label names: "mlc" for "mlc-code+famus@0.1"."""
+    return method.split("@")[0].split("+")[0].removesuffix("-code")
+
+
 def paper_row(method: str) -> dict:
     """The paper's numbers for one of our rows: MLC's variants compare with MLC's."""
-    return PAPER.get(method.split("@")[0].split("+")[0].removesuffix("-code"), {})
+    return PAPER.get(base_method(method), {})
 
 
 def label(method: str) -> str:
@@ -180,27 +185,24 @@ def extra_table(trials: pl.DataFrame, metric: str, rates=(0.3, 0.4)) -> str:
     runs = with_variant(query.unique_runs(trials, quiet=True)).filter(
         pl.col("status").is_in(["completed", "collapsed"])
         & pl.any_horizontal([(pl.col("noise.rate") - r).abs() < 1e-9 for r in rates]))
-    runs = runs.with_columns(pl.col("noise.rate").round(2),
-                             *(pl.col(c).fill_null(d).alias(c) for c, d in (
-                                 ("method.meta_interval", 1), ("train.meta_batch_size", 100),
-                                 ("method.warmup_epochs", 0), ("optimizer.momentum", 0.0))
-                               if c in runs.columns))
-    setting = [c for c in ("method.meta_interval", "train.meta_batch_size", "method.warmup_epochs",
-                           "optimizer.momentum") if c in runs.columns]
+    if "optimizer.momentum" in runs.columns:  # another optimizer: its own sweep compares it with CE
+        runs = runs.filter(pl.col("optimizer.momentum").fill_null(0.0) == 0.0)
+    setting = [c for c in ("method.meta_interval", "train.meta_batch_size", "method.warmup_epochs")
+               if c in runs.columns]
+    runs = runs.with_columns(pl.col("noise.rate").round(2), *(pl.col(c).fill_null(d) for c, d in zip(
+        ("method.meta_interval", "train.meta_batch_size", "method.warmup_epochs"), (1, 100, 0))
+        if c in setting))
     stats = seed_stats(runs, metric, ("method", *setting, "noise.type", "noise.rate"))
-    ce = {(r["noise.type"], r["noise.rate"]): r for r in stats.iter_rows(named=True)
-          if r["method"] == "ce" and not r.get("optimizer.momentum")}  # the table's optimizer
+    ce = {(r["noise.type"], r["noise.rate"]): r for r in stats.iter_rows(named=True) if r["method"] == "ce"}
     found = {tuple(r[k] for k in ("method", *setting, "noise.type", "noise.rate")): r
              for r in stats.iter_rows(named=True)}
     order = {m: i for i, m in enumerate(("ce", "mwnet", "l2r", "mlc", "metalabelnet"))}
     rows = sorted({tuple(r[k] for k in ("method", *setting)) for r in stats.iter_rows(named=True)},
-                  key=lambda r: (order.get(r[0].split("@")[0].split("+")[0].removesuffix("-code"), 9), r))
+                  key=lambda r: (order.get(base_method(r[0]), 9), r))
     header = ["method", "setting", "noise", *(f"{int(100 * r)}%" for r in rates)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         values = dict(zip(setting, row[1:]))
-        if values.get("optimizer.momentum"):
-            continue  # another optimizer than the table's: its own sweep compares it with CE
         every = values.get("method.meta_interval", 1)
         details = [f"every {every}"] if every > 1 else []
         if values.get("train.meta_batch_size", 100) != 100 and row[0] != "ce":
@@ -225,7 +227,8 @@ def extra_table(trials: pl.DataFrame, metric: str, rates=(0.3, 0.4)) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="results")
-    parser.add_argument("--sweep", action="append", help=f"a sweep to read (repeat; default: {', '.join(SWEEPS)})")
+    parser.add_argument("--sweep", action="append",
+                        help=f"a sweep to read (repeat; default: {', '.join(SWEEPS)})")
     parser.add_argument("--metric", default="peak", help="peak | final | best_meta")
     parser.add_argument("--extra", action="store_true",
                         help=f"the rows no paper has published, 30%% and 40%% columns, each cell's "
