@@ -161,3 +161,14 @@ def test_fidelity_table_extra_rows_give_each_setting_a_row_and_each_cell_its_gap
         "| MW-Net + FaMUS | every 4 | uniform | — | 97.50 ± 0.00 (1) [+1.50] |",
         "| MetaLabelNet | warm-up 5 | uniform | 95.00 ± 0.00 (1) [-2.00] | — |",
         "| MetaLabelNet | warm-up 8 | uniform | 98.00 ± 0.00 (1) [+1.00] | — |"]
+
+
+def test_virtual_step_ab_runs_both_steps_side_by_side():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "virtual_step_ab.py"), "--methods",
+                           "metalabelnet", "--noise", "uniform", "--seeds", "0"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| metalabelnet")]
+    assert len(rows) == 1 and rows[0][1:3] == ["uniform", "0"]
+    test_optimizer, test_sgd, meta_optimizer, meta_sgd = (float(c.strip(" |")) for c in rows[0][3:])
+    assert min(test_optimizer, test_sgd) > 80.0 and min(meta_optimizer, meta_sgd) > 0.8  # both learn
