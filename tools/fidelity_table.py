@@ -179,19 +179,20 @@ EXTRA_SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-beta", "mnist-cheap-meta",
                 "mnist-metalabelnet-warmup")
 
 
+EXTRA_SETTING = {"method.meta_interval": 1, "train.meta_batch_size": 100, "method.warmup_epochs": 0}
+"""what tells one extra row from another, with the value of a run that does not set it"""
+
+
 def extra_table(trials: pl.DataFrame, metric: str, rates=(0.3, 0.4)) -> str:
     """The rows no paper has published (MW-Net, MetaLabelNet, and each meta method with FaMUS)
     at `rates`, each setting a row of its own, each cell with its difference to CE's there."""
-    runs = with_variant(query.unique_runs(trials, quiet=True)).filter(
-        pl.col("status").is_in(["completed", "collapsed"])
-        & pl.any_horizontal([(pl.col("noise.rate") - r).abs() < 1e-9 for r in rates]))
+    runs = with_variant(query.unique_runs(trials, quiet=True)).with_columns(
+        pl.col("noise.rate").round(2)).filter(
+        pl.col("status").is_in(["completed", "collapsed"]) & pl.col("noise.rate").is_in(rates))
     if "optimizer.momentum" in runs.columns:  # another optimizer: its own sweep compares it with CE
         runs = runs.filter(pl.col("optimizer.momentum").fill_null(0.0) == 0.0)
-    setting = [c for c in ("method.meta_interval", "train.meta_batch_size", "method.warmup_epochs")
-               if c in runs.columns]
-    runs = runs.with_columns(pl.col("noise.rate").round(2), *(pl.col(c).fill_null(d) for c, d in zip(
-        ("method.meta_interval", "train.meta_batch_size", "method.warmup_epochs"), (1, 100, 0))
-        if c in setting))
+    setting = [c for c in EXTRA_SETTING if c in runs.columns]
+    runs = runs.with_columns(pl.col(c).fill_null(EXTRA_SETTING[c]) for c in setting)
     stats = seed_stats(runs, metric, ("method", *setting, "noise.type", "noise.rate"))
     ce = {(r["noise.type"], r["noise.rate"]): r for r in stats.iter_rows(named=True) if r["method"] == "ce"}
     found = {tuple(r[k] for k in ("method", *setting, "noise.type", "noise.rate")): r
@@ -202,12 +203,11 @@ def extra_table(trials: pl.DataFrame, metric: str, rates=(0.3, 0.4)) -> str:
     header = ["method", "setting", "noise", *(f"{int(100 * r)}%" for r in rates)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        values = dict(zip(setting, row[1:]))
-        every = values.get("method.meta_interval", 1)
-        details = [f"every {every}"] if every > 1 else []
-        if values.get("train.meta_batch_size", 100) != 100 and row[0] != "ce":
+        values = {**EXTRA_SETTING, **dict(zip(setting, row[1:]))}
+        details = [f"every {values['method.meta_interval']}"] if values["method.meta_interval"] > 1 else []
+        if values["train.meta_batch_size"] != EXTRA_SETTING["train.meta_batch_size"] and row[0] != "ce":
             details.append(f"meta batch {values['train.meta_batch_size']}")
-        if values.get("method.warmup_epochs"):
+        if values["method.warmup_epochs"]:
             details.append(f"warm-up {values['method.warmup_epochs']}")
         for noise in NOISE:
             cells = []
