@@ -67,9 +67,21 @@ def test_metalabelnet_trains_on_unlabeled_samples():
     assert result.outcome["final_test_acc"] > 0.5
 
 
-def test_mlnt_runs_its_consistency_phase():
-    result = train({"name": "mlnt", "start_epoch": 1, "ramp_epochs": 1, "num_fast": 2}, "uniform",
-                   epochs=3)
-    assert "train_consistency" not in result.curves[0]
+def test_mlnt_runs_its_consistency_phase_and_reports_its_teacher():
+    cfg = parse_experiment({
+        "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [128]}},
+        "train": {"epochs": 3, "batch_size": 64}, "optimizer": {"lr": 0.1},
+        "noise": {"type": "uniform", "rate": 0.4}, "seed": 0,
+        "method": {"name": "mlnt", "start_epoch": 1, "ramp_epochs": 1, "num_fast": 2}})
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert "train_consistency" not in result.curves[0] and "teacher_test_acc" not in result.curves[0]
     assert result.curves[-1]["train_consistency"] > 0
     assert result.outcome["meta_step_share"] > 0
+    # the reported teacher accuracy is the teacher's: evaluate the teacher as the model
+    last = result.curves[-1]
+    assert last["teacher_test_acc"] != last["test_acc"]
+    trainer.model.load_state_dict(trainer.method.teacher.state_dict())
+    teacher = trainer.evaluate()
+    assert teacher["test_acc"] == pytest.approx(last["teacher_test_acc"], abs=1e-9)
+    assert teacher["meta_acc"] == pytest.approx(last["teacher_meta_acc"], abs=1e-9)

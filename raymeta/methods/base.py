@@ -64,6 +64,12 @@ def predict_split(model: nn.Module, split, num_classes: int, batch_size: int = 5
     return probs
 
 
+def split_accuracy(model: nn.Module, split, num_classes: int) -> float:
+    """Accuracy of `model` (eval mode) on a whole split (a DeviceSplit): the same on every worker."""
+    predicted = predict_split(model, split, num_classes).argmax(1)
+    return (predicted == split.y).double().mean().item()
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` that no gradient reaches (teachers, feature encoders)."""
     copy_ = copy.deepcopy(model)

@@ -46,8 +46,8 @@ from raymeta.methods.base import (
     StepOutput,
     masked_sum_count,
     per_sample_ce,
-    predict_split,
     scalar_sum_count,
+    split_accuracy,
 )
 from raymeta.models import rebuild_model
 from raymeta.parallel import SyncedBatchNorm, all_reduce_sum_, average_buffers_, batch_mean
@@ -167,9 +167,7 @@ class Coteaching(Method):
         self.average_peer_batchnorm()
         if self.splits is None:
             return {}
-        test = self.splits["test"]
-        predicted = predict_split(self.peer, test, self.num_classes).argmax(1)
-        return {"peer_test_acc": (predicted == test.y).double().mean().item()}
+        return {"peer_test_acc": split_accuracy(self.peer, self.splits["test"], self.num_classes)}
 
     def to(self, device, dtype=None) -> Coteaching:
         self.peer.to(device, dtype)

@@ -25,6 +25,7 @@ from raymeta.methods.base import (
     frozen_copy,
     mean_ce,
     scalar_sum_count,
+    split_accuracy,
 )
 from raymeta.parallel import batch_mean, global_rows
 
@@ -107,6 +108,14 @@ class MLNT(MetaMethod):
         loss.backward()
         engine.apply_gradients()
         return StepOutput(loss.detach(), logits.detach(), {"consistency": scalar_sum_count(total)})
+
+    def epoch_metrics(self, data) -> dict:
+        """The mean teacher's own accuracy (once there is one): MLNT's paper reports teacher and
+        student, and its code keeps whichever is better on clean validation data."""
+        if self.teacher is None or self.splits is None:
+            return {}
+        return {f"teacher_{name}_acc": split_accuracy(self.teacher, self.splits[name], self.num_classes)
+                for name in ("test", "meta") if len(self.splits[name])}
 
     def state_dict(self):
         return {"teacher": self.teacher.state_dict() if self.teacher is not None else None}
