@@ -48,7 +48,7 @@ PAPER = {  # MLC Table 1, MNIST, test accuracy %: noise -> the 10/20/30/40% cell
 }
 LABELS = {"ce": "CE", "mwnet": "MW-Net", "metalabelnet": "MetaLabelNet", "l2r": "L2R (LRE)",
           "mlc": "MLC", "mlc-code": "MLC (code)",
-          "forward": "Forward", "glc": "GLC", "coteaching": "Co-teaching"}
+          "forward": "Forward", "glc": "GLC", "coteaching": "Co-teaching", "mlnt": "MLNT"}
 SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-code", "mnist-mlc-table1-beta",
           "mnist-mlc-table1-baselines", "mnist-coteaching")
 
@@ -176,7 +176,7 @@ def cheap_table(trials: pl.DataFrame, metric: str, rate: float = 0.4) -> str:
 
 EXTRA_SWEEPS = ("mnist-mlc-table1", "mnist-mlc-table1-beta", "mnist-cheap-meta", "mnist-cheap-meta-2",
                 "mnist-cheap-meta-3", "mnist-metalabelnet-flip-seeds", "mnist-extra-rows",
-                "mnist-metalabelnet-warmup")
+                "mnist-metalabelnet-warmup", "mnist-mlnt")
 
 
 EXTRA_SETTING = {"method.meta_interval": 1, "train.meta_batch_size": 100, "method.warmup_epochs": 0}
@@ -197,7 +197,7 @@ def extra_table(trials: pl.DataFrame, metric: str, rates=(0.3, 0.4)) -> str:
     ce = {(r["noise.type"], r["noise.rate"]): r for r in stats.iter_rows(named=True) if r["method"] == "ce"}
     found = {tuple(r[k] for k in ("method", *setting, "noise.type", "noise.rate")): r
              for r in stats.iter_rows(named=True)}
-    order = {m: i for i, m in enumerate(("ce", "mwnet", "l2r", "mlc", "metalabelnet"))}
+    order = {m: i for i, m in enumerate(("ce", "mwnet", "l2r", "mlc", "metalabelnet", "mlnt"))}
     rows = sorted({tuple(r[k] for k in ("method", *setting)) for r in stats.iter_rows(named=True)},
                   key=lambda r: (order.get(base_method(r[0]), 9), r))
     header = ["method", "setting", "noise", *(f"{int(100 * r)}%" for r in rates)]
