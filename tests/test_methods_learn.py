@@ -7,13 +7,16 @@ from raymeta.config import parse_experiment
 from raymeta.train import Trainer
 
 
-def train(method, noise_type, rate=0.4, epochs=10, **train):
-    cfg = parse_experiment({
+def trainer(method, noise_type, rate=0.4, epochs=10, **train) -> Trainer:
+    return Trainer(parse_experiment({
         "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [128]}},
         "train": {"epochs": epochs, "batch_size": 64, **train},
         "optimizer": {"lr": 0.1, "weight_decay": 1e-4},
-        "noise": {"type": noise_type, "rate": rate}, "method": method, "seed": 0})
-    return Trainer(cfg).fit()
+        "noise": {"type": noise_type, "rate": rate}, "method": method, "seed": 0}))
+
+
+def train(method, noise_type, rate=0.4, epochs=10, **train):
+    return trainer(method, noise_type, rate, epochs, **train).fit()
 
 
 def mean_over_epochs(result, key):
@@ -68,20 +71,16 @@ def test_metalabelnet_trains_on_unlabeled_samples():
 
 
 def test_mlnt_runs_its_consistency_phase_and_reports_its_teacher():
-    cfg = parse_experiment({
-        "dataset": {"name": "digits"}, "model": {"name": "mlp", "options": {"hidden": [128]}},
-        "train": {"epochs": 3, "batch_size": 64}, "optimizer": {"lr": 0.1},
-        "noise": {"type": "uniform", "rate": 0.4}, "seed": 0,
-        "method": {"name": "mlnt", "start_epoch": 1, "ramp_epochs": 1, "num_fast": 2}})
-    trainer = Trainer(cfg)
-    result = trainer.fit()
+    mlnt = trainer({"name": "mlnt", "start_epoch": 1, "ramp_epochs": 1, "num_fast": 2}, "uniform",
+                   epochs=3)
+    result = mlnt.fit()
     assert "train_consistency" not in result.curves[0] and "teacher_test_acc" not in result.curves[0]
     assert result.curves[-1]["train_consistency"] > 0
     assert result.outcome["meta_step_share"] > 0
     # the reported teacher accuracy is the teacher's: evaluate the teacher as the model
     last = result.curves[-1]
     assert last["teacher_test_acc"] != last["test_acc"]
-    trainer.model.load_state_dict(trainer.method.teacher.state_dict())
-    teacher = trainer.evaluate()
+    mlnt.model.load_state_dict(mlnt.method.teacher.state_dict())
+    teacher = mlnt.evaluate()
     assert teacher["test_acc"] == pytest.approx(last["teacher_test_acc"], abs=1e-9)
     assert teacher["meta_acc"] == pytest.approx(last["teacher_meta_acc"], abs=1e-9)
