@@ -14,6 +14,7 @@ each run as a markdown table. About two minutes on one core.
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from raymeta.config import parse_experiment
@@ -41,14 +42,13 @@ def main() -> None:
              for c in expand(load_sweep(SWEEP), SWEEP.parent.parent) if c.config.noise.rate == 0.4}
     print("| method | noise 40% | seed | test, optimizer | test, sgd | meta, optimizer | meta, sgd |")
     print("|---|---|---|---|---|---|---|")
-    for method in args.methods.split(","):
-        for noise in args.noise.split(","):
-            for seed in (int(s) for s in args.seeds.split(",")):
-                config = cells[(method, noise, seed)]
-                (test_o, meta_o), (test_s, meta_s) = (final_accuracies(config, mode)
-                                                      for mode in ("optimizer", "sgd"))
-                print(f"| {method} | {noise} | {seed} | {100 * test_o:.2f} | {100 * test_s:.2f} | "
-                      f"{meta_o:.3f} | {meta_s:.3f} |", flush=True)
+    for method, noise, seed in itertools.product(args.methods.split(","), args.noise.split(","),
+                                                 [int(s) for s in args.seeds.split(",")]):
+        config = cells[(method, noise, seed)]
+        (test_o, meta_o), (test_s, meta_s) = (final_accuracies(config, mode)
+                                              for mode in ("optimizer", "sgd"))
+        print(f"| {method} | {noise} | {seed} | {100 * test_o:.2f} | {100 * test_s:.2f} | "
+              f"{meta_o:.3f} | {meta_s:.3f} |", flush=True)
 
 
 if __name__ == "__main__":
