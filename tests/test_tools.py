@@ -52,12 +52,33 @@ def test_bench_times_packed_seeds_against_one():
     assert all(float(r[3].replace(",", "")) > 0 for r in rows[1:])
 
 
+NO_RAY = """import sys
+
+
+class Absent:  # the GPU machine has neither Ray nor polars
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "polars"):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def without_ray(tmp_path: Path) -> dict:
+    """An environment where `import ray` and `import polars` fail, as on the GPU machine."""
+    site = tmp_path / "no-ray"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(NO_RAY)
+    return {**os.environ, "PYTHONPATH": str(site)}
+
+
 def test_gpu_check_runs_every_section_on_a_cpu(tmp_path):
     """The GPU machine is lent for minutes: its one command must not rot between loans."""
     out = tmp_path / "report.md"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_check.py"), "--device", "cpu",
                            "--quick", "--out", str(out)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=without_ray(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = out.read_text()
     for title in ("every method, full and FaMUS: cnn8", "bf16, channels_last", "packed seeds",
@@ -65,6 +86,62 @@ def test_gpu_check_runs_every_section_on_a_cpu(tmp_path):
         assert title in report, title
     assert "| mlc+famus |" in report and "| raymeta Trainer.train_epoch |" in report
     assert "0 section(s) failed" in report
+
+
+DEVICE_SWEEP = """
+name: tiny-device
+base:
+  dataset: {name: digits}
+  model: {name: mlp, options: {hidden: [16]}}
+  meta_set: {per_class: 5}
+  noise: {type: uniform, rate: 0.4}
+  train: {epochs: EPOCHS, batch_size: 64, meta_batch_size: 32}  # ce never reads meta_batch_size
+grid:
+  method: [{name: ce}, {name: l2r}]
+  seed: [0, 1]
+"""
+
+
+def test_device_cells_train_a_sweeps_cells_without_ray_and_continue_them_after_a_deadline(tmp_path):
+    """The GPU machine has no Ray: tools/device_cells.py runs a sweep's cells there, with the ids
+    a sweep gives them, and a cell cut off at the deadline goes on from its checkpoint."""
+    import pyarrow.parquet as pq
+
+    from raymeta.orchestrate.grid import expand, load_sweep
+
+    def cells(sweep: Path, *args: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "device_cells.py"), str(sweep),
+                               "--state", str(tmp_path / "state"), *args], cwd=tmp_path,
+                              env=without_ray(tmp_path), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    short, long = tmp_path / "short.yaml", tmp_path / "long.yaml"
+    short.write_text(DEVICE_SWEEP.replace("EPOCHS", "3"))
+    long.write_text(DEVICE_SWEEP.replace("EPOCHS", "400").replace("tiny-device", "long-device"))
+    proc = cells(short, "--only", "seed=0", "--parallel", "2")
+    assert "2 cell(s) chosen, 0 finished before, 2 to run" in proc.stdout
+    ids = {c.trial_id for c in expand(load_sweep(short), tmp_path) if c.config.seed == 0}
+    trials = tmp_path / "state" / "store" / "trials" / "sweep=tiny-device"
+    assert {p.stem for p in trials.glob("*.parquet")} == ids  # a sweep's --resume skips them
+    assert {pq.read_table(p).column("status")[0].as_py() for p in trials.glob("*.parquet")} == {"completed"}
+    assert proc.stdout.count("| completed | 3/3 |") == 2
+    assert "2 cell(s) chosen, 2 finished before, 0 to run" in cells(short, "--only", "seed=0").stdout
+
+    proc = cells(long, "--only", "seed=1", "--only", "method.name=[ce]", "--deadline", "6")
+    (cell,) = [c for c in expand(load_sweep(long), tmp_path)
+               if c.config.seed == 1 and c.config.method.name == "ce"]
+    assert f"{cell.trial_id}: interrupted (deadline)" in proc.stdout
+    assert not (tmp_path / "state" / "store" / "trials" / "sweep=long-device").exists()  # no row
+    checkpoint = tmp_path / "state" / "checkpoints" / cell.trial_id / "checkpoint.pt"
+    first_log = (tmp_path / "state" / "logs" / f"{cell.trial_id}.log").read_text()
+    proc = cells(long, "--only", "seed=1", "--only", "method.name=ce")
+    assert "| completed | 400/400 |" in proc.stdout
+    log = (tmp_path / "state" / "logs" / f"{cell.trial_id}.log").read_text()[len(first_log):]
+    if checkpoint.exists():  # the first run finished an epoch before the deadline: no epoch twice
+        assert "epoch   1/400" not in log
+    assert "epoch 400/400" in log
+    assert "| not started (deadline) |" in cells(long, "--only", "seed=0", "--deadline", "0").stdout
 
 
 def test_bench_sweep_compares_the_driver_with_bare_tune():

@@ -130,6 +130,8 @@ def main() -> None:
             body, failures = f"TIMED OUT after {args.section_timeout} s", failures + 1
         report.append(f"## {title}\n\n{body}\n")
         print(report[-1], flush=True)
+        if args.out:  # section by section: a loan that ends early keeps what ran
+            args.out.write_text("\n".join(report) + "\n")
     roots = [args.mnist_root] if args.mnist_root else [ROOT / "data" / "mnist",
                                                         ROOT.parent / "shared" / "data" / "mnist"]
     root = next((r for r in roots if r.is_dir()), None)
