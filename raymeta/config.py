@@ -396,6 +396,11 @@ class MLCConfig(_MetaConfig):
     """plain cross-entropy epochs before MLC's own step, T at the identity until then (official
     code: MLC starts from a model trained 30,000 CE iterations at lr 0.1, which the paper does
     not describe; 0 = none, the paper)"""
+    meta_grad_clip: float | None = Field(None, gt=0.0)
+    """clip T's meta gradient elementwise at this size before its step (None: unclipped, the
+    paper). With T on probabilities a training label that the corrected model finds nearly
+    impossible gives a gradient of 1/(pT)_y, up to 1e5 times the usual; clamp and normalise keep
+    what such a step adds off the diagonal, and T drifts flat (docs/fidelity.md)"""
 
 
 class MLNTConfig(_MetaConfig):
@@ -926,8 +931,10 @@ class ExperimentConfig(_Config):
                 del data[section]["options"]
         if dataset["image_size"] is None and dataset["name"] != "imagefolder":
             dataset["image_size"] = 224  # clothing1m's size, the former default
-        if data["method"]["name"] == "mlc" and not data["method"]["warmup_epochs"]:
-            del data["method"]["warmup_epochs"]  # new, at its default
+        if data["method"]["name"] == "mlc":
+            for key, default in (("warmup_epochs", 0), ("meta_grad_clip", None)):  # new options
+                if data["method"][key] == default:
+                    del data["method"][key]
         if not getattr(self.method, "famus", False) or famus["candidates"] is not None \
                 or famus["window"] == "all":
             del famus["window"]  # the window is then what it was before the option existed

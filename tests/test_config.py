@@ -59,10 +59,11 @@ def test_digests_of_configs_that_run_as_before_do_not_change():
               "37b6d8c705": {"method": {"name": "mwnet", "famus": True},
                              "famus": {"candidates": 2, "classifier_always_on": True}},
               "90a8008b19": {"method": {"name": "mwnet", "famus": True}, "famus": {"window": "all"}},
-              "7a02d851ce": {"method": {"name": "mlc"}}}  # before method.warmup_epochs
+              "7a02d851ce": {"method": {"name": "mlc"}}}  # before warmup_epochs, meta_grad_clip
     assert {parse_experiment(c).digest(): c for c in before.values()} == before
     assert parse_experiment({"method": {"name": "mwnet", "famus": True}}).digest() != "90a8008b19"
     assert parse_experiment({"method": {"name": "mlc", "warmup_epochs": 2}}).digest() != "7a02d851ce"
+    assert parse_experiment({"method": {"name": "mlc", "meta_grad_clip": 1.0}}).digest() != "7a02d851ce"
 
 
 def test_settings_a_run_never_reads_leave_its_digest_and_a_stored_row_is_given_that_digest(tmp_path):

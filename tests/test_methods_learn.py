@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from raymeta.config import parse_experiment
 from raymeta.train import Trainer
@@ -48,6 +49,23 @@ def test_mlc_warm_up_trains_plain_ce_with_t_at_the_identity_then_learns_t():
         assert curve["meta_step_share"] == 0
     assert not np.allclose(np.array(result.curves[-1]["T"]).reshape(10, 10), np.eye(10))
     assert result.curves[-1]["meta_step_share"] > 0
+
+
+def test_mlc_meta_grad_clip_keeps_one_spike_from_throwing_t_off_its_diagonal():
+    """A training label that the corrected model finds nearly impossible gives T a meta gradient
+    of 1e4 and more (1/(pT)_y); unclipped, one such step moves a column's mass off the diagonal."""
+    spike = torch.zeros(10, 10)
+    spike[3, 7] = -1e4  # more of clean class 3 read as label 7
+
+    def T_after(clip):
+        mlc = trainer({"name": "mlc", "meta_lr": 0.01, "meta_grad_clip": clip}, "uniform").method
+        mlc.apply_meta_gradient([spike])
+        T = mlc.meta_model.T.detach()
+        assert torch.allclose(T.sum(dim=0), torch.ones(10)) and (T >= 0).all()
+        return T
+
+    assert T_after(None)[7, 7] < 0.01  # 1 / (1 + 0.01 * 1e4)
+    assert T_after(1.0)[7, 7] > 0.99  # 1 / (1 + 0.01 * 1)
 
 
 def test_metalabelnet_soft_labels_recover_true_labels():

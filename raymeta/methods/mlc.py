@@ -70,7 +70,10 @@ class MLC(MetaMethod):
 
     def apply_meta_gradient(self, grads):
         with torch.no_grad():
-            T = (self.meta_model.T - self.cfg.meta_lr * grads[0]).clamp_min(0)
+            grad = grads[0]
+            if self.cfg.meta_grad_clip is not None:
+                grad = grad.clamp(-self.cfg.meta_grad_clip, self.cfg.meta_grad_clip)
+            T = (self.meta_model.T - self.cfg.meta_lr * grad).clamp_min(0)
             columns = T.sum(dim=0, keepdim=True)
             self.meta_model.T.copy_(T / torch.where(columns > 0, columns, 1.0))
 
