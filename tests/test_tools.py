@@ -144,6 +144,13 @@ def test_device_cells_train_a_sweeps_cells_without_ray_and_continue_them_after_a
     assert "| not started (deadline) |" in cells(long, "--only", "seed=0", "--deadline", "0").stdout
 
 
+def test_mlc_t_gradient_reports_the_size_of_t_steps():
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "mlc_t_gradient.py"), "--dataset", "digits",
+                           "--epochs", "1", "--clip", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "epoch 0: T diagonal" in proc.stdout and "largest entry in [0, 1): 12 steps" in proc.stdout
+
+
 def test_bench_sweep_compares_the_driver_with_bare_tune():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_sweep.py"), "--trials", "10",
                            "--quick", "--chain", "4"], capture_output=True, text=True, timeout=600,
