@@ -23,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))  # the GPU machine has the checkout, not an instal
 
 from raymeta.errors import ConfigError  # noqa: E402
 from raymeta.orchestrate.grid import Cell, expand, load_sweep  # noqa: E402
-from raymeta.results.store import completed_digests, table_dir  # noqa: E402
+from raymeta.results.store import completed_digests, read_run  # noqa: E402
 
 EPOCH = re.compile(r"epoch\s+(\d+)/(\d+)\s+train_loss \S+\s+test_acc (\S+)\s+meta_acc \S+\s+(\S+) ms/step")
 GRACE = 60  # seconds an interrupted run has to exit before it is killed
@@ -74,8 +73,7 @@ def command(config: Path, state: Path, sweep: str, trial_id: str, threads: int) 
 
 def row_status(state: Path, sweep: str, trial_id: str) -> str:
     """A finished run's stored status: completed, or collapsed with the reason."""
-    row = pq.read_table(Path(table_dir(str(state / "store"), "trials", sweep)) / f"{trial_id}.parquet",
-                        columns=["status", "error"]).to_pylist()[0]
+    (row,) = read_run(str(state / "store"), "trials", sweep, trial_id)
     return row["status"] + (f" ({row['error']})" if row["status"] != "completed" else "")
 
 
